@@ -1,0 +1,28 @@
+# Two commands are all the set-up there is: `make demo` and `make test`.
+# Each creates or reuses .venv; the install step reruns only when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench-decode clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch and torchvision first: the pinned pair installs from this machine's disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cluster.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-decode: $(STAMP)
+	$(PY) bench/decode.py
+
+clean-venv:
+	rm -rf $(VENV)
