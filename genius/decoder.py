@@ -81,8 +81,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        # Same math as T5LayerNorm (no mean subtraction, no bias), fused.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -120,13 +120,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderCache:
-    """KV cache of a beam search laid out as (queries, beams, heads, time, d_kv).
+    """KV cache of a beam search over Q queries with W beams each.
 
-    Cross-attention keys and values are computed once per query and broadcast over beams.
+    Self-attention keys/values are (Q*W, h, t, dk), beams of a query contiguous.
+    Cross-attention keys/values are computed once per query, (Q, h, P, dk), and shared by
+    its beams: the beams are the rows of one matmul per query and head, never copied.
     """
 
     def __init__(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor]):
-        self.cross_k, self.cross_v = cross_k, cross_v  # each (Q, 1, h, P, dk)
+        self.cross_k, self.cross_v = cross_k, cross_v
         self.self_k: list[torch.Tensor | None] = [None] * len(cross_k)
         self.self_v: list[torch.Tensor | None] = [None] * len(cross_k)
 
@@ -135,11 +137,13 @@ class DecoderCache:
         return 0 if self.self_k[0] is None else self.self_k[0].shape[-2]
 
     def reorder(self, parent: torch.Tensor) -> None:
-        """Keep, for each (query, beam slot), the cache of beam `parent[q, slot]` of that query."""
-        q_index = torch.arange(parent.shape[0], device=parent.device)[:, None]
-        for i, (k, v) in enumerate(zip(self.self_k, self.self_v)):
-            self.self_k[i] = k[q_index, parent]
-            self.self_v[i] = v[q_index, parent]
+        """Keep, for each (query, new slot), the cache of beam `parent[q, slot]` of that query."""
+        Q, W_new = parent.shape
+        W_old = self.self_k[0].shape[0] // Q
+        flat = (torch.arange(Q, device=parent.device)[:, None] * W_old + parent).reshape(-1)
+        for i in range(len(self.self_k)):
+            self.self_k[i] = self.self_k[i].index_select(0, flat)
+            self.self_v[i] = self.self_v[i].index_select(0, flat)
 
 
 class GeniusDecoder(nn.Module):
@@ -232,35 +236,40 @@ class GeniusDecoder(nn.Module):
         ks, vs = [], []
         for layer in self.layers:
             c = layer.cross_attn
-            ks.append(c.split(c.k(prefix)).unsqueeze(1))
-            vs.append(c.split(c.v(prefix)).unsqueeze(1))
+            ks.append(c.split(c.k(prefix)))  # (Q, h, P, dk)
+            vs.append(c.split(c.v(prefix)))
         return DecoderCache(ks, vs)
 
     def step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """One decoding step for (Q, W) beams: input tokens (Q, W) -> final hidden (Q, W, d).
 
-        Appends this step's keys and values to `cache` (self-attention, layout (Q, W, h, t, dk)).
+        Appends this step's self-attention keys and values to `cache`.
         """
+        Q, W = tokens.shape
+        h, dk = self.cfg.num_heads, self.cfg.d_kv
         t = cache.length
-        x = self.embed(tokens).unsqueeze(-2)  # (Q, W, 1, d)
+        x = self.embed(tokens.reshape(-1))  # (Q*W, d)
         bias = self.position_bias(1, t + 1, q_start=t)  # (h, 1, t+1)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
-            h = layer.self_norm(x)
-            k_new, v_new = a.split(a.k(h)), a.split(a.v(h))  # (Q, W, h, 1, dk)
+            y = layer.self_norm(x)
+            k_new = a.k(y).view(Q * W, h, 1, dk)
+            v_new = a.v(y).view(Q * W, h, 1, dk)
             if cache.self_k[i] is None:
                 cache.self_k[i], cache.self_v[i] = k_new, v_new
             else:
-                cache.self_k[i] = torch.cat([cache.self_k[i], k_new], dim=-2)
-                cache.self_v[i] = torch.cat([cache.self_v[i], v_new], dim=-2)
-            scores = a.split(a.q(h)) @ cache.self_k[i].transpose(-1, -2) + bias
-            x = x + a.merge(scores.softmax(-1) @ cache.self_v[i])
+                cache.self_k[i] = torch.cat([cache.self_k[i], k_new], dim=2)
+                cache.self_v[i] = torch.cat([cache.self_v[i], v_new], dim=2)
+            q = a.q(y).view(Q * W, h, 1, dk)
+            scores = q @ cache.self_k[i].transpose(-1, -2) + bias  # (Q*W, h, 1, t+1)
+            x = x + a.o((scores.softmax(-1) @ cache.self_v[i]).reshape(Q * W, h * dk))
             c = layer.cross_attn
-            h = layer.cross_norm(x)
-            scores = c.split(c.q(h)) @ cache.cross_k[i].transpose(-1, -2)  # broadcast over beams
-            x = x + c.merge(scores.softmax(-1) @ cache.cross_v[i])
+            y = layer.cross_norm(x)
+            q = c.q(y).view(Q, W, h, dk).transpose(1, 2)  # (Q, h, W, dk): beams as rows
+            attn = (q @ cache.cross_k[i].transpose(-1, -2)).softmax(-1) @ cache.cross_v[i]  # (Q, h, W, dk)
+            x = x + c.o(attn.transpose(1, 2).reshape(Q * W, h * dk))
             x = x + layer.feed_forward(x)
-        return self.final_norm(x).squeeze(-2)
+        return self.final_norm(x).view(Q, W, -1)
 
     # ------------------------------------------------------------ initialisation
     @torch.no_grad()

@@ -1,0 +1,158 @@
+"""Batched, trie-constrained beam search over the GENIUS decoder.
+
+Every step scores only the current level's tokens (3 modality tokens, then K codes per
+level), masks the codes that the trie does not allow after each beam's prefix, and keeps
+the `beam_size` best prefixes per query. The decoder's KV cache is reordered in place;
+cross-attention keys and values are computed once per query. Only valid IDs come out.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from genius.decoder import GeniusDecoder, level_token_offset
+from genius.modality import NUM_MODALITIES, Modality
+from genius.trie import Trie, TrieState
+
+NORMALIZATIONS = ("allowed", "level")
+
+
+@dataclass
+class BeamResult:
+    """Beams of Q queries, best first. Empty slots have score -inf and codes -1."""
+
+    codes: np.ndarray  # (Q, W, 1+L): modality, then semantic codes
+    scores: np.ndarray  # (Q, W) summed log-probabilities
+    items: list[list[np.ndarray]]  # items[q][w]: item numbers carrying that ID
+
+    def ranked_items(self, query: int) -> list[tuple[int, float]]:
+        """Items of one query in beam order (ties within an ID by item number), without repeats."""
+        seen: set[int] = set()
+        ranked = []
+        for w, beam_items in enumerate(self.items[query]):
+            for item in beam_items.tolist():
+                if item not in seen:
+                    seen.add(item)
+                    ranked.append((item, float(self.scores[query, w])))
+        return ranked
+
+
+def modality_mask(
+    num_queries: int, trie: Trie, target_modalities: Collection | Sequence[Collection] | None
+) -> np.ndarray:
+    """(Q, 3) allowed first codes: the trie's modalities, narrowed per query if asked."""
+    present = np.zeros(NUM_MODALITIES, dtype=bool)
+    present[[int(m) for m in trie.modalities]] = True
+    mask = np.tile(present, (num_queries, 1))
+    if target_modalities is None:
+        return mask
+    items = list(target_modalities)
+    per_query = len(items) == num_queries and all(isinstance(t, (list, tuple, set, frozenset)) for t in items)
+    rows = items if per_query else [items] * num_queries
+    wanted = np.zeros_like(mask)
+    for q, row in enumerate(rows):
+        for m in row:
+            wanted[q, int(Modality.parse(m))] = True
+    return mask & wanted
+
+
+def _log_probs(logits: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
+    if normalize == "level":
+        return torch.log_softmax(logits, -1).masked_fill(~mask, float("-inf"))
+    # "allowed": a distribution over the trie's allowed codes (constrained decoding proper).
+    any_allowed = mask.any(-1, keepdim=True)
+    masked = logits.masked_fill(~mask, float("-inf")).masked_fill(~any_allowed, 0.0)
+    return torch.log_softmax(masked, -1).masked_fill(~mask, float("-inf"))
+
+
+@torch.no_grad()
+def beam_search(
+    decoder: GeniusDecoder,
+    trie: Trie,
+    query_emb: torch.Tensor,
+    beam_size: int = 50,
+    target_modalities: Collection | Sequence[Collection] | None = None,
+    normalize: str = "allowed",
+) -> BeamResult:
+    """Decode the `beam_size` most probable valid IDs for each query embedding (Q, D).
+
+    target_modalities: restrict the first step to these modalities (one collection for all
+    queries, or one per query). normalize: "allowed" renormalises each step over the codes
+    the trie allows; "level" over all tokens of the level (then masks).
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if trie.codec.num_levels != decoder.num_levels or trie.codec.codebook_size != decoder.codebook_size:
+        raise ValueError("trie and decoder disagree on levels or codebook size")
+    decoder.eval()
+    device = decoder.lm_head.weight.device
+    Q, L, K = len(query_emb), decoder.num_levels, decoder.codebook_size
+    cache = decoder.start_cache(query_emb.to(device))
+
+    tokens = torch.zeros((Q, 1), dtype=torch.long, device=device)
+    beam_scores = torch.zeros((Q, 1), device=device)
+    history = np.zeros((Q, 1, 0), dtype=np.int64)
+    alive = np.ones(Q, dtype=bool)  # flat (Q * width) flags of live beams
+    state: TrieState | None = None  # trie positions of the live beams, in flat order
+    start_mask = modality_mask(Q, trie, target_modalities)
+
+    for step in range(L + 1):
+        hidden = decoder.step(tokens, cache)  # (Q, width, d)
+        width = hidden.shape[1]
+        logits = hidden @ decoder.level_weight(step).T  # (Q, width, n)
+        n = logits.shape[-1]
+        mask = np.zeros((Q * width, n), dtype=bool)
+        live = np.flatnonzero(alive)
+        if step == 0:
+            mask[:] = start_mask
+        elif step == 1:
+            mask[live] = trie.root_mask(history.reshape(Q * width, -1)[live, 0])
+        else:
+            expansion = trie.expand(step - 1, state)
+            mask[live] = expansion.mask
+        mask_t = torch.from_numpy(mask).to(device).view(Q, width, n)
+        candidates = beam_scores[..., None] + _log_probs(logits, mask_t, normalize)
+        keep = min(beam_size, width * n)
+        top_scores, top_index = candidates.view(Q, -1).topk(keep, dim=-1)
+        parent = (top_index // n).cpu().numpy()
+        code = (top_index % n).cpu().numpy()
+        new_alive = torch.isfinite(top_scores).cpu().numpy().reshape(-1)
+
+        # Trie positions of the new live beams.
+        q_index = np.repeat(np.arange(Q), keep)
+        parent_flat = q_index * width + parent.reshape(-1)
+        chosen = np.flatnonzero(new_alive)
+        if step == 1:
+            modality = history.reshape(Q * width, -1)[parent_flat[chosen], 0]
+            state = trie.root_children(modality, code.reshape(-1)[chosen])
+        elif step >= 2:
+            position_in_live = np.full(Q * width, -1, dtype=np.int64)
+            position_in_live[live] = np.arange(len(live))
+            state = expansion.children(position_in_live[parent_flat[chosen]], code.reshape(-1)[chosen])
+
+        history = np.concatenate(
+            [history[np.arange(Q)[:, None], parent], np.where(new_alive.reshape(Q, keep), code, -1)[..., None]], axis=2
+        )
+        alive = new_alive
+        beam_scores = top_scores
+        if step < L:
+            cache.reorder(torch.from_numpy(parent).to(device))
+            offset = level_token_offset(step, K)
+            tokens = torch.from_numpy(np.where(new_alive.reshape(Q, keep), code + offset, 0)).to(device)
+
+    # Pad to beam_size slots so that results have a fixed shape.
+    width = history.shape[1]
+    codes = np.full((Q, beam_size, L + 1), -1, dtype=np.int64)
+    codes[:, :width] = history
+    scores = np.full((Q, beam_size), -np.inf, dtype=np.float64)
+    scores[:, :width] = beam_scores.cpu().numpy()
+    leaf_items = trie.leaf_items(state) if state is not None else []
+    items: list[list[np.ndarray]] = [[] for _ in range(Q)]
+    for flat, beam_items in zip(np.flatnonzero(alive), leaf_items):
+        items[flat // width].append(beam_items)
+    return BeamResult(codes=codes, scores=scores, items=items)
