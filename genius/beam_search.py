@@ -40,6 +40,18 @@ class BeamResult:
         return ranked
 
 
+def per_query_modalities(
+    target_modalities: Collection | Sequence[Collection] | None, num_queries: int
+) -> list[Collection] | None:
+    """None, or one collection of modalities per query (one collection given means all)."""
+    if target_modalities is None:
+        return None
+    items = list(target_modalities)
+    if len(items) == num_queries and all(isinstance(t, (list, tuple, set, frozenset)) for t in items):
+        return items
+    return [items] * num_queries
+
+
 def modality_mask(
     num_queries: int, trie: Trie, target_modalities: Collection | Sequence[Collection] | None
 ) -> np.ndarray:
@@ -47,11 +59,9 @@ def modality_mask(
     present = np.zeros(NUM_MODALITIES, dtype=bool)
     present[[int(m) for m in trie.modalities]] = True
     mask = np.tile(present, (num_queries, 1))
-    if target_modalities is None:
+    rows = per_query_modalities(target_modalities, num_queries)
+    if rows is None:
         return mask
-    items = list(target_modalities)
-    per_query = len(items) == num_queries and all(isinstance(t, (list, tuple, set, frozenset)) for t in items)
-    rows = items if per_query else [items] * num_queries
     wanted = np.zeros_like(mask)
     for q, row in enumerate(rows):
         for m in row:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
 
 class Modality(enum.IntEnum):
     IMAGE = 0
@@ -14,8 +16,8 @@ class Modality(enum.IntEnum):
         """Accept 'image', 'text', 'image_text' (or 'image-text'), an int, or a Modality."""
         if isinstance(value, Modality):
             return value
-        if isinstance(value, (int,)) and not isinstance(value, bool):
-            return cls(value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return cls(int(value))
         name = str(value).strip().lower().replace("-", "_").replace("+", "_")
         try:
             return cls[name.upper()]

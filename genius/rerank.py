@@ -1,0 +1,57 @@
+"""Ranking of the items a beam search found: in beam order, or re-ranked by cosine similarity."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from genius.beam_search import BeamResult
+
+
+@dataclass
+class Ranking:
+    items: np.ndarray  # (Q, k) item numbers, -1 where fewer than k were found
+    scores: np.ndarray  # (Q, k): beam log-probabilities, or cosine similarities when re-ranked
+
+    def as_lists(self) -> list[list[int]]:
+        return [[int(i) for i in row if i >= 0] for row in self.items]
+
+
+def rank(
+    beams: BeamResult,
+    k: int,
+    query_vectors: np.ndarray | None = None,
+    item_vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Ranking:
+    """Top-k items per query.
+
+    Without vectors, items come in beam order. With `query_vectors` (Q, D) and
+    `item_vectors` (a function from item numbers to (n, D) vectors: stored embeddings or
+    vectors rebuilt from codes), every item of the beam is scored by cosine similarity.
+    """
+    Q = len(beams.items)
+    out_items = np.full((Q, k), -1, dtype=np.int64)
+    out_scores = np.full((Q, k), -np.inf, dtype=np.float64)
+    rerank = query_vectors is not None and item_vectors is not None
+    for q in range(Q):
+        ranked = beams.ranked_items(q)
+        if not ranked:
+            continue
+        items = np.array([i for i, _ in ranked], dtype=np.int64)
+        if rerank:
+            vectors = np.asarray(item_vectors(items), dtype=np.float32)
+            query = np.asarray(query_vectors[q], dtype=np.float32)
+            sims = _normalize(vectors) @ (query / max(np.linalg.norm(query), 1e-12))
+            order = np.argsort(-sims, kind="stable")[:k]
+            out_items[q, : len(order)] = items[order]
+            out_scores[q, : len(order)] = sims[order]
+        else:
+            n = min(k, len(items))
+            out_items[q, :n] = items[:n]
+            out_scores[q, :n] = [s for _, s in ranked[:n]]
+    return Ranking(out_items, out_scores)
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
