@@ -157,6 +157,7 @@ def beam_search(
 
     # Pad to beam_size slots so that results have a fixed shape.
     width = history.shape[1]
+    history[~alive.reshape(Q, width)] = -1  # slots that found no valid ID
     codes = np.full((Q, beam_size, L + 1), -1, dtype=np.int64)
     codes[:, :width] = history
     scores = np.full((Q, beam_size), -np.inf, dtype=np.float64)

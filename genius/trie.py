@@ -204,9 +204,9 @@ class Trie:
 
     def root_children(self, modalities: np.ndarray, codes: np.ndarray) -> TrieState:
         """State after choosing first semantic code `codes` under `modalities`."""
-        part = self._root_part[modalities, codes]
-        if (part < 0).any():
+        if not self._root_mask[modalities, codes].all():
             raise ValueError("a chosen first code has no items under its modality")
+        part = self._root_part[modalities, codes]
         return TrieState(part, self._root_lo[modalities, codes], self._root_hi[modalities, codes], codes.astype(np.int64))
 
     def expand(self, level: int, state: TrieState) -> "Expansion":

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+
+from genius.beam_search import beam_search
+from genius.decoder import DecoderConfig, GeniusDecoder
+from genius.idcodec import IdCodec
+from genius.modality import Modality
+from genius.trie import Trie
+
+TINY = DecoderConfig(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, prefix_len=2, dropout=0.0)
+
+
+def make_case(seed: int, max_items: int = 80):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    levels, size = int(rng.integers(1, 5)), int(rng.choice([3, 8, 32]))
+    n = int(rng.integers(1, max_items))
+    codes = rng.integers(0, size, (n, levels))
+    codes[rng.random(n) < 0.4, 0] = 0  # shared first codes
+    modality = rng.integers(0, 3, n)
+    codec = IdCodec(levels, size)
+    trie = Trie.build(codec, codec.pack(codes), modality)
+    decoder = GeniusDecoder(TINY, embed_dim=16, num_levels=levels, codebook_size=size).eval()
+    return codes, modality, trie, decoder, torch.randn(5, 16)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_only_valid_ids_come_out(seed):
+    codes, modality, trie, decoder, queries = make_case(seed)
+    valid = {(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)}
+    items_of = {}
+    for i, key in enumerate((int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)):
+        items_of.setdefault(key, set()).add(i)
+    beam = int(np.random.default_rng(seed).integers(1, 12))
+    result = beam_search(decoder, trie, queries, beam_size=beam)
+    for q in range(len(queries)):
+        live = np.isfinite(result.scores[q])
+        assert live.sum() == min(beam, len(valid))
+        assert np.all(np.diff(result.scores[q][live]) <= 1e-6), "beams must come best first"
+        for w in np.flatnonzero(live):
+            key = tuple(int(c) for c in result.codes[q, w])
+            assert key in valid
+            assert set(result.items[q][w].tolist()) == items_of[key]
+        assert (result.codes[q, ~live] == -1).all()
+
+
+def brute_force_scores(decoder, query, ids: list[tuple], normalize: str) -> torch.Tensor:
+    """Log-probability of every valid ID under teacher forcing, normalised as the beam search does."""
+    full = torch.tensor(ids)
+    logits = decoder(query.expand(len(ids), -1), full)
+    total = torch.zeros(len(ids))
+    for step, lg in enumerate(logits):
+        if normalize == "allowed":
+            allowed = torch.zeros_like(lg, dtype=torch.bool)
+            for i, u in enumerate(ids):
+                for v in ids:
+                    if v[:step] == u[:step]:
+                        allowed[i, v[step]] = True
+            lp = torch.log_softmax(lg.masked_fill(~allowed, float("-inf")), -1)
+        else:
+            lp = torch.log_softmax(lg, -1)
+        total += lp[torch.arange(len(ids)), full[:, step]]
+    return total
+
+
+@pytest.mark.parametrize("normalize", ["allowed", "level"])
+@pytest.mark.parametrize("seed", range(6))
+def test_full_beam_finds_the_most_probable_valid_id(seed, normalize):
+    codes, modality, trie, decoder, queries = make_case(100 + seed, max_items=40)
+    ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
+    result = beam_search(decoder, trie, queries, beam_size=len(ids), normalize=normalize)
+    with torch.no_grad():
+        for q in range(len(queries)):
+            scores = brute_force_scores(decoder, queries[q : q + 1], ids, normalize)
+            best = int(scores.argmax())
+            assert tuple(result.codes[q, 0].tolist()) == ids[best]
+            assert result.scores[q, 0] == pytest.approx(float(scores[best]), abs=1e-4)
+            # The whole beam is the exact ranking of all valid IDs.
+            order = torch.argsort(scores, descending=True)
+            assert np.allclose(result.scores[q], scores[order].numpy(), atol=1e-4)
+
+
+def test_first_step_restricted_to_chosen_modalities():
+    codes, modality, trie, decoder, queries = make_case(7, max_items=200)
+    present = set(int(m) for m in modality)
+    for wanted in present:
+        result = beam_search(decoder, trie, queries, beam_size=10, target_modalities=[Modality(wanted)])
+        live = np.isfinite(result.scores)
+        assert (result.codes[..., 0][live] == wanted).all()
+    # one set per query
+    per_query = [[Modality.IMAGE], [Modality.TEXT], [Modality.IMAGE_TEXT], ["image", "text"], ["text"]]
+    result = beam_search(decoder, trie, queries, beam_size=10, target_modalities=per_query)
+    for q, allowed in enumerate(per_query):
+        live = np.isfinite(result.scores[q])
+        assert set(result.codes[q, live, 0].tolist()) <= {int(Modality.parse(m)) for m in allowed}
+
+
+def test_rejects_bad_arguments():
+    _, _, trie, decoder, queries = make_case(3)
+    with pytest.raises(ValueError, match="normalize"):
+        beam_search(decoder, trie, queries, normalize="full")
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(decoder, trie, queries, beam_size=0)
