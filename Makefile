@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cluster.demo
+	$(VENV)/bin/genius demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

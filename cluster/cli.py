@@ -1,0 +1,191 @@
+"""The `genius` command line: one entry point, a subcommand per job.
+
+    genius demo                      the single-process pipeline on a small caption corpus
+    genius fit    --corpus C --queries Q --out DIR
+    genius search --index DIR --text "a red bicycle"
+    genius info   --index DIR
+
+Every subcommand has --help.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("genius")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from genius.encoders import EncoderConfig, MultimodalEncoder
+    from genius.index import GeniusIndex, IndexConfig
+    from genius.tables import TableError, read_items
+
+    corpus = read_items(args.corpus).items
+    queries = read_items(args.queries, require_target=True)
+    position = {key: i for i, key in enumerate(corpus.keys)}
+    if len(position) != len(corpus):
+        raise TableError(args.corpus, None, "keys are not unique")
+    missing = [(row, t) for row, t in enumerate(queries.targets) if t not in position]
+    if missing:
+        row, key = missing[0]
+        raise TableError(args.queries, row, f"target {key!r} is not a key of {args.corpus} ({len(missing)} such rows)")
+    targets = np.array([position[t] for t in queries.targets])
+    config = IndexConfig.paper() if args.size == "paper" else IndexConfig.for_corpus(len(corpus))
+    overrides = {k: v for k, v in (("num_levels", args.levels), ("codebook_size", args.codebook_size),
+                                   ("epochs", args.quantizer_epochs)) if v is not None}
+    config.quantizer = replace(config.quantizer, **overrides)
+    if args.decoder_epochs is not None:
+        config.decoder_training = replace(config.decoder_training, epochs=args.decoder_epochs)
+    config.beam_size = args.beam
+    config.device = args.device
+    needs_encoder = corpus.embeddings is None or queries.items.embeddings is None
+    encoder = None
+    if needs_encoder:
+        enc_cfg = EncoderConfig(device=args.device)
+        if args.encoder_model:
+            enc_cfg = replace(enc_cfg, model_name=args.encoder_model, pretrained=args.encoder_pretrained)
+        encoder = MultimodalEncoder.from_config(enc_cfg)
+    index = GeniusIndex.fit(corpus, queries.items, targets, config, encoder=encoder, progress=not args.quiet)
+    index.save(args.out)
+    log.info("index of %d items written to %s", len(index), args.out)
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from genius.index import GeniusIndex
+    from genius.items import Items
+    from genius.tables import read_items
+
+    index = GeniusIndex.load(args.index, device=args.device)
+    if args.queries:
+        queries = read_items(args.queries).items
+    elif args.text or args.image:
+        image = Path(args.image).read_bytes() if args.image else None
+        queries = Items(texts=[args.text] if args.text else None, images=[image] if image else None)
+    else:
+        raise SystemExit("genius search: give --text and/or --image, or --queries FILE")
+    result = index.search(queries, k=args.k, beam_size=args.beam, rerank=not args.no_rerank,
+                          target_modalities=args.modality or None, rerank_with=args.rerank_with)
+    if args.out:
+        rows = [(q, rank, key, int(item), float(score))
+                for q, (items, scores, keys) in enumerate(zip(result.items, result.scores, result.keys))
+                for rank, (item, score, key) in enumerate(zip(items, scores, keys))]
+        table = pa.table({
+            "query": pa.array([r[0] for r in rows], pa.int64()),
+            "rank": pa.array([r[1] for r in rows], pa.int32()),
+            "key": pa.array([r[2] for r in rows], pa.string()),
+            "item": pa.array([r[3] for r in rows], pa.int64()),
+            "score": pa.array([r[4] for r in rows], pa.float64()),
+        })
+        pq.write_table(table, args.out)
+        log.info("%d results for %d queries written to %s", len(rows), len(result.items), args.out)
+    else:
+        for q, (keys, scores) in enumerate(zip(result.keys, result.scores)):
+            print(f"query {q}:")
+            for rank, (key, score) in enumerate(zip(keys, scores)):
+                print(f"  {rank + 1:3d}. {key}  {score:.4f}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    meta_path = Path(args.index) / "index.json"
+    if not meta_path.exists():
+        raise SystemExit(f"genius info: {args.index} holds no complete index (no index.json)")
+    meta = json.loads(meta_path.read_text())
+    trie = json.loads((Path(args.index) / "trie" / "trie.json").read_text())
+    q = meta["config"]["quantizer"]
+    print(f"items: {meta['num_items']}   embedding dim: {meta['embed_dim']}")
+    print(f"IDs: {q['num_levels']} levels x {q['codebook_size']} codes = {trie['width']} bytes")
+    for p in trie["partitions"]:
+        print(f"  partition {p['modality']:10s} first codes [{p['code_lo']}, {p['code_hi']}): {p['count']} items")
+    print(f"encoder stored: {meta['has_encoder']}   vectors stored: {meta['has_vectors']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cluster import demo
+
+    demo.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cluster import demo
+
+    parser = argparse.ArgumentParser(prog="genius", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the single-process pipeline on a small corpus and print recall",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(p)
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("fit", help="train quantizer and decoder and build an index from tables",
+                       description="Train GENIUS on (query -> corpus item) pairs and index the corpus.\n\n"
+                       "Tables are Parquet or CSV. Corpus columns: key, text, image (file path), or\n"
+                       "embedding + modality. Query columns: the same plus target (a corpus key).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True, help="corpus table (.parquet/.csv)")
+    p.add_argument("--queries", required=True, help="training queries table with a target column")
+    p.add_argument("--out", required=True, help="folder to write the index to")
+    p.add_argument("--size", choices=["cpu", "paper"], default="cpu",
+                   help="cpu: codebooks sized to the corpus and a small decoder (default); "
+                        "paper: 8 x 4096 codes, t5-small decoder, 31 epochs (GPU work)")
+    p.add_argument("--levels", type=int, help="semantic levels L (overrides --size)")
+    p.add_argument("--codebook-size", type=int, help="codes per level K (overrides --size)")
+    p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
+    p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
+    p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
+    p.add_argument("--encoder-model", help="open_clip model name (default: the offline MiniLM + small CNN model)")
+    p.add_argument("--encoder-pretrained", help="open_clip pretrained tag or local checkpoint path")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_fit)
+
+    p = sub.add_parser("search", help="search an index with a text/image query or a table of queries")
+    p.add_argument("--index", required=True, help="index folder written by `genius fit`")
+    p.add_argument("--text", help="query text")
+    p.add_argument("--image", help="query image file (with --text: an image-text query)")
+    p.add_argument("--queries", help="table of queries (.parquet/.csv) instead of --text/--image")
+    p.add_argument("--out", help="write results to this Parquet file (query, rank, key, item, score)")
+    p.add_argument("-k", "--k", type=int, default=10, help="results per query (default: 10)")
+    p.add_argument("--beam", type=int, help="beam size (default: the index's)")
+    p.add_argument("--modality", action="append", choices=["image", "text", "image_text"],
+                   help="only return items of this modality (repeatable)")
+    p.add_argument("--no-rerank", action="store_true", help="rank by beam score only")
+    p.add_argument("--rerank-with", choices=["vectors", "codes"], default="vectors",
+                   help="re-rank with stored item vectors or with vectors rebuilt from the IDs")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(run=_search)
+
+    p = sub.add_parser("info", help="describe an index folder")
+    p.add_argument("--index", required=True, help="index folder")
+    p.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        # Input errors are the user's to fix: one plain line naming file and row, no traceback.
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

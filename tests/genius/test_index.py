@@ -1,0 +1,85 @@
+"""End to end in one process: fit -> search -> save -> load -> search, on a generated corpus."""
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from genius.index import GeniusIndex, IndexConfig
+from genius.metrics import exact_knn, recall_at_k
+from genius.modality import Modality
+
+from .synthetic import make_synthetic
+
+BEAM = 20
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(seed=0)
+
+
+@pytest.fixture(scope="module")
+def index(data):
+    cfg = IndexConfig.for_corpus(len(data.corpus))
+    cfg.quantizer = replace(cfg.quantizer, epochs=15)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=30)
+    return GeniusIndex.fit(data.corpus, data.train_queries, data.train_targets, cfg, progress=False)
+
+
+def relevant(data):
+    return [{int(t)} for t in data.test_targets]
+
+
+def test_recall_close_to_exact_knn_on_items_never_seen_as_targets(data, index):
+    knn = exact_knn(data.test_queries, data.corpus.embeddings, 10).tolist()
+    knn_recall = recall_at_k(knn, relevant(data), 10)
+    assert knn_recall > 0.5, "the generated task must be solvable by exact search"
+    plain = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=False)
+    reranked = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=True)
+    genius_recall = recall_at_k(plain.as_lists(), relevant(data), 10)
+    genius_r_recall = recall_at_k(reranked.as_lists(), relevant(data), 10)
+    chance = 10 / len(data.corpus)
+    assert genius_recall >= 0.8 * knn_recall, (genius_recall, knn_recall)
+    assert genius_r_recall >= 0.8 * knn_recall, (genius_r_recall, knn_recall)
+    assert genius_recall > 10 * chance
+
+
+def test_rebuilt_vectors_rerank_beats_chance(data, index):
+    result = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=True, rerank_with="codes")
+    assert recall_at_k(result.as_lists(), relevant(data), 10) > 0.5
+
+
+def test_results_are_indexed_items_of_the_requested_modality(data, index):
+    for modality in (Modality.IMAGE, Modality.IMAGE_TEXT):
+        result = index.search(data.test_queries[:20], k=5, beam_size=BEAM, target_modalities=[modality])
+        found = result.items[result.items >= 0]
+        assert len(found) > 0
+        assert (data.corpus.modality[found] == modality).all()
+    # No text items exist: asking only for text finds nothing, and says so with -1.
+    empty = index.search(data.test_queries[:3], k=5, beam_size=BEAM, target_modalities=[Modality.TEXT])
+    assert (empty.items == -1).all()
+
+
+def test_fit_save_load_search_is_identical(data, index, tmp_path):
+    index.save(tmp_path)
+    loaded = GeniusIndex.load(tmp_path)
+    for rerank_with in ("vectors", "codes"):
+        for rerank in (False, True):
+            a = index.search(data.test_queries[:30], k=10, beam_size=BEAM, rerank=rerank, rerank_with=rerank_with)
+            b = loaded.search(data.test_queries[:30], k=10, beam_size=BEAM, rerank=rerank, rerank_with=rerank_with)
+            assert np.array_equal(a.items, b.items)
+            assert np.array_equal(a.scores, b.scores)
+    table = pq.read_table(tmp_path / "items.parquet")
+    assert table.column_names == ["item", "key", "modality", "id"]
+    assert table.num_rows == len(data.corpus)
+    assert len(table.column("id")[0].as_py()) == index.codec.width
+
+
+def test_bad_requests_are_refused_clearly(data, index, tmp_path):
+    with pytest.raises(ValueError, match="dim"):
+        index.search(np.zeros((1, 7), dtype=np.float32))
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(data.test_queries[:1], k=0)
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        GeniusIndex.load(tmp_path / "nowhere")
