@@ -1,6 +1,7 @@
 """`genius demo`: the single-process GENIUS pipeline on a small generated caption corpus.
 
-Items are captions ("a red bicycle in a garden"); queries are paraphrases of them. All text
+Items are captions ("a red bicycle in a garden"); queries are paraphrases of them, and the
+test queries use synonyms ("a crimson bike among flowers in a yard"). All text
 is embedded by the locked, pretrained MiniLM text tower (offline), the quantizer and decoder
 are trained on the training paraphrases, and recall is measured on paraphrases of items
 that were never training targets, against exact kNN on the same embeddings.
@@ -32,6 +33,18 @@ PLACES = ["in a garden", "on a beach", "in a kitchen", "on a city street", "in t
 ITEM_TEMPLATE = "a {color} {object} {place}"
 TRAIN_TEMPLATES = ["a photo of a {color} {object} {place}", "there is a {object}, {color}, {place}"]
 TEST_TEMPLATE = "picture showing one {object} coloured {color} {place}"
+# Test queries use other words than the items, so that exact search is not trivially perfect.
+SYNONYMS = {
+    "red": "crimson", "blue": "navy", "green": "emerald", "yellow": "golden", "black": "dark",
+    "white": "snow-white", "orange": "tangerine", "purple": "violet", "brown": "chocolate", "grey": "silver",
+    "bicycle": "bike", "car": "automobile", "dog": "puppy", "cat": "kitten", "umbrella": "parasol",
+    "guitar": "acoustic guitar", "teapot": "kettle", "backpack": "rucksack", "boat": "small ship",
+    "kite": "flying kite", "chair": "seat", "lamp": "light", "horse": "pony", "bird": "sparrow",
+    "truck": "lorry", "clock": "watch",
+    "in a garden": "among flowers in a yard", "on a beach": "by the sea on sand", "in a kitchen": "next to a stove",
+    "on a city street": "downtown", "in the snow": "in winter snow", "in a forest": "among trees in the woods",
+    "on a wooden table": "on a desk", "next to a river": "by a stream",
+}
 
 
 def build_corpus(seed: int) -> tuple[Items, list[str], np.ndarray, list[str], np.ndarray]:
@@ -42,7 +55,7 @@ def build_corpus(seed: int) -> tuple[Items, list[str], np.ndarray, list[str], np
     train_q, train_t, test_q, test_t = [], [], [], []
     for i, (c, o, p) in enumerate(combos):
         if held_out[i]:
-            test_q.append(TEST_TEMPLATE.format(color=c, object=o, place=p))
+            test_q.append(TEST_TEMPLATE.format(color=SYNONYMS[c], object=SYNONYMS[o], place=SYNONYMS[p]))
             test_t.append(i)
         else:
             for template in TRAIN_TEMPLATES:

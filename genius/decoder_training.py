@@ -87,10 +87,10 @@ def train_decoder(
             with torch.no_grad():
                 pred = torch.stack([lg.argmax(-1) for lg in logits], 1)
                 correct += int((pred == codes_b).all(1).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             seen += len(idx)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         record = {"epoch": epoch, "loss": loss_sum / seen, "id_accuracy": correct / seen}
         history.append(record)
         log.debug("decoder epoch %d: %s", epoch, record)
