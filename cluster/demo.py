@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genius.encoders import EncoderConfig, MultimodalEncoder
-from genius.index import GeniusIndex, IndexConfig
 from genius.items import Items
-from genius.metrics import exact_knn, recall_table
 
 log = logging.getLogger("genius.demo")
 
@@ -66,6 +63,11 @@ def build_corpus(seed: int) -> tuple[Items, list[str], np.ndarray, list[str], np
 
 
 def run(args: argparse.Namespace) -> dict:
+    # Imported here so that `genius --help` stays fast.
+    from genius.encoders import EncoderConfig, MultimodalEncoder
+    from genius.index import GeniusIndex, IndexConfig
+    from genius.metrics import exact_knn, recall_table
+
     t0 = time.time()
     corpus, train_q, train_t, test_q, test_t = build_corpus(args.seed)
     log.info("corpus: %d captions, %d training queries, %d test queries (items never seen as targets)",
