@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from vector_quantize_pytorch import ResidualVQ
 
+from genius.augment import beta22
 from genius.modality import NUM_MODALITIES
 
 logger = logging.getLogger(__name__)
@@ -633,7 +634,6 @@ def train_quantizer(
 
         params = [p for p in quantizer.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        beta = torch.distributions.Beta(torch.tensor(2.0), torch.tensor(2.0))
         quantizer.train()
         bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, desc="quantizer", leave=False)
         try:
@@ -659,7 +659,7 @@ def train_quantizer(
                     c_q = c_t if mq is None else quantizer.modality_centroids[
                         quantizer.modality_code(mq[idx].to(device))]
                     if config.query_augmentation:
-                        mu = beta.sample((bt.shape[0], 1)).to(device)
+                        mu = beta22(bt.shape[0], gen)[:, None].to(device)
                         z_mix = mu * z_q + (1.0 - mu) * z_t
                         c_mix = mu * c_q + (1.0 - mu) * c_t
                     else:

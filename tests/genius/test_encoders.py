@@ -339,14 +339,38 @@ def test_save_load_gives_identical_embeddings(tmp_path) -> None:
         assert torch.equal(b, a)
 
 
+def test_default_model_takes_a_local_checkpoint_as_pretrained(encoder: MultimodalEncoder, tmp_path) -> None:
+    """A stage-1 CustomTextCLIP checkpoint (text weights optional) loads via `pretrained`."""
+    trained = MultimodalEncoder.from_config(EncoderConfig(batch_size=4))
+    _train_a_little(trained)
+    state = {k: v for k, v in trained.clip.state_dict().items() if not k.startswith("text.")}
+    torch.save(state, tmp_path / "stage1.pt")
+    again = MultimodalEncoder.from_config(EncoderConfig(batch_size=4, pretrained=str(tmp_path / "stage1.pt")))
+    images = [_image(3), _image(4)]
+    assert torch.equal(again.encode_image(images), trained.encode_image(images))
+    assert not torch.allclose(again.encode_image(images), encoder.encode_image(images))
+    with pytest.raises(FileNotFoundError):
+        MultimodalEncoder.from_config(EncoderConfig(pretrained="laion2b_s34b_b79k"))  # tags need a real CLIP name
+
+
 def test_config_json_round_trip() -> None:
-    cfg = EncoderConfig(image_size=96, image_layers=(2, 1, 1, 1), batch_size=3)
+    cfg = EncoderConfig(image_size=96, image_timm_model=None, image_layers=(2, 1, 1, 1), batch_size=3)
     again = EncoderConfig.from_dict(cfg.to_dict())
     assert again == cfg and isinstance(again.image_layers, tuple)
     with pytest.raises(ValueError):
-        EncoderConfig(image_size=50)  # ModifiedResNet needs a multiple of 32
+        EncoderConfig(image_timm_model=None, image_size=50)  # ModifiedResNet needs a multiple of 32
+    assert EncoderConfig(image_size=50).image_size == 50  # the timm CNN pools globally
     with pytest.raises(ValueError):
         EncoderConfig(batch_size=0)
+
+
+def test_modified_resnet_image_tower() -> None:
+    """The alternative small tower (open_clip ModifiedResNet) builds, encodes and trains."""
+    model = MultimodalEncoder.from_config(EncoderConfig(image_timm_model=None, image_size=32, batch_size=4))
+    assert type(model.image_tower).__name__ == "ModifiedResNet"
+    out = model.encode_image([_image(0), _image(1)])
+    assert out.shape == (2, 384) and _unit(out)
+    assert all(p.requires_grad for p in model.image_tower.parameters())
 
 
 # --------------------------------------------------------------------------- generic open_clip
