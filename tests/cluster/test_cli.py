@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli import main
-from tests.genius.synthetic import make_synthetic
+from genius.synthetic import make_synthetic
 
 
 @pytest.fixture(scope="module")

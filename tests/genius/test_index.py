@@ -9,7 +9,7 @@ from genius.index import GeniusIndex, IndexConfig
 from genius.metrics import exact_knn, recall_at_k
 from genius.modality import Modality
 
-from .synthetic import make_synthetic
+from genius.synthetic import make_synthetic
 
 BEAM = 20
 

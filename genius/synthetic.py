@@ -1,4 +1,4 @@
-"""A generated corpus with known structure: clustered items of two modalities and noisy queries.
+"""A generated corpus with known structure, for tests, benchmarks and smoke checks.
 
 Queries are text-like views of an item (modality gap swapped, noise added); the relevant
 item of a query is the item it was made from.
