@@ -4,6 +4,7 @@
     genius fit    --corpus C --queries Q --out DIR
     genius search --index DIR --text "a red bicycle"
     genius info   --index DIR
+    genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
 
 Every subcommand has --help.
 """
@@ -120,6 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cluster import demo
+    from cluster.data_cli import add_data_commands
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe an index folder")
     p.add_argument("--index", required=True, help="index folder")
     p.set_defaults(run=_info)
+
+    add_data_commands(sub)
     return parser
 
 
