@@ -5,6 +5,7 @@
     genius search --index DIR --text "a red bicycle"
     genius info   --index DIR
     genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
+    genius train  encoder --shards DIR --out DIR   stage 1: align the encoders
 
 Every subcommand has --help.
 """
@@ -122,6 +123,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cluster import demo
     from cluster.data_cli import add_data_commands
+    from cluster.train_cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_info)
 
     add_data_commands(sub)
+    add_train_commands(sub)
     return parser
 
 
