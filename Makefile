@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
+# The demo's corpus is the Debian package dataset-fashion-mnist: installed here when we are
+# root, otherwise the command to run is printed.
 demo: $(STAMP)
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "make demo needs Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' (or: $(VENV)/bin/genius demo --corpus captions)"; exit 1; fi
 	$(VENV)/bin/genius demo
 
 test: $(STAMP)

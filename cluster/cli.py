@@ -1,11 +1,12 @@
 """The `genius` command line: one entry point, a subcommand per job.
 
-    genius demo                      the single-process pipeline on a small caption corpus
+    genius demo                      the whole pipeline on Fashion-MNIST (or --corpus captions)
     genius fit    --corpus C --queries Q --out DIR
     genius search --index DIR --text "a red bicycle"
     genius info   --index DIR
     genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
     genius train  encoder --shards DIR --out DIR   stage 1: align the encoders
+    genius eval   --shards DIR --corpus-kind fashion-mnist|openclipart|wordnet
 
 Every subcommand has --help.
 """
@@ -123,6 +124,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cluster import demo
     from cluster.data_cli import add_data_commands
+    from cluster.eval_cli import add_eval_commands
     from cluster.train_cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
     add_train_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 

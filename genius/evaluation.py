@@ -1,0 +1,729 @@
+"""Evaluate GENIUS on retrieval tasks (`genius.tasks`) against exact kNN on the same embeddings.
+
+    report = evaluate(tasks, encoder, beams=(1, 5, 10, 20, 50), ablations=("no_modality_code",))
+    report.to_json("eval.json"); report.to_markdown("eval.md"); report.plot_beam("beam.png")
+
+What `evaluate` does:
+
+1. Embeds every distinct query and candidate once (by item key; equal texts once), or
+   uses the embeddings the tasks' `Items` already carry (or a key -> vector mapping).
+2. Per task (`per_task=True`): fits a `GeniusIndex` on the task's training pairs over the
+   task's pool plus its training candidates (so the DSI indexing task covers the pool,
+   while no pool item is ever a training target), then searches a trie of the pool only.
+3. Several tasks (`universal`, default when there are several): one index over the
+   universal pool (the union of the pools, all modalities in one trie) trained on all
+   tasks' pairs; searched without a modality filter, so the first decoded code must
+   choose the modality. Also reported: the same model searched over each task's own pool.
+4. Reports recall@1/5/10 of GENIUS (beam order), GENIUS+R (beam items re-ranked by cosine
+   similarity with the stored item vectors), GENIUS+R (codes) (re-ranked in the
+   quantizer's learned space, vectors rebuilt from the IDs) and exact kNN (flat inner
+   product over the same pool and embeddings), their ratios to kNN, recall@10 against
+   beam size, and the share of queries whose top item has the task's candidate modality.
+5. Ablations by name refit every fitted index with the changed config and are searched
+   at the main beam: the quantizer's `with_ablation` names (`no_contrastive`,
+   `no_modality_code`, `no_mse`), `no_query_augmentation` (quantizer and decoder), and
+   `no_index_task` (the decoder trained on query pairs only).
+
+Every result names its fit; every fit records its config (levels, codes, decoder shape,
+epochs, flags), the modality codes its items got, and its wall time.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genius.beam_search import beam_search
+from genius.index import GeniusIndex, IndexConfig
+from genius.items import Items
+from genius.metrics import exact_knn, recall_table
+from genius.modality import Modality
+from genius.rerank import rank
+from genius.tasks import RetrievalTask, UniversalPool, concat_items, universal_pool
+from genius.trie import Trie
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ABLATIONS", "EvalReport", "evaluate", "embed_tasks", "apply_ablation", "restrict_index"]
+
+ABLATIONS = ("no_contrastive", "no_modality_code", "no_query_augmentation", "no_mse", "no_index_task")
+KS = (1, 5, 10)
+IndexConfigLike = IndexConfig | Callable[[int], IndexConfig] | None
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _item_fields(task: RetrievalTask) -> tuple[str, ...]:
+    return ("train_queries", "train_candidates", "test_queries", "candidates")
+
+
+def embed_tasks(
+    tasks: Sequence[RetrievalTask],
+    encoder: Any = None,
+    embeddings: Mapping[str, np.ndarray] | None = None,
+    log_every: int = 5000,
+) -> tuple[list[RetrievalTask], float]:
+    """The tasks with embeddings in all their `Items`; (tasks, seconds spent encoding).
+
+    Each key is embedded once (equal texts once); `embeddings` (key -> vector) and vectors
+    the Items already carry are used as they are. Needs `encoder` for anything else.
+    """
+    cache: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in (embeddings or {}).items()}
+    pending: dict[Modality, dict[str, tuple[Any, Any]]] = {m: {} for m in Modality}
+    for task in tasks:
+        for name in _item_fields(task):
+            items: Items = getattr(task, name)
+            if items.keys is None:
+                raise ValueError(f"{task.name}: {name} have no keys")
+            for i, key in enumerate(items.keys):
+                if key in cache:
+                    continue
+                if items.embeddings is not None:
+                    cache[key] = items.embeddings[i]
+                    continue
+                m = Modality(int(items.modality[i]))
+                if key not in pending[m]:
+                    text = items.texts[i] if items.texts is not None else None
+                    image = items.images[i] if items.images is not None else None
+                    pending[m][key] = (image, text)
+    todo = sum(len(p) for p in pending.values())
+    seconds = 0.0
+    if todo:
+        if encoder is None:
+            raise ValueError(f"{todo} items carry no embeddings: pass an encoder or embeddings")
+        t0 = time.perf_counter()
+        for m, rows in pending.items():
+            if not rows:
+                continue
+            keys = list(rows)
+            if m == Modality.TEXT:
+                texts = [rows[k][1] for k in keys]
+                unique = list(dict.fromkeys(texts))
+                log.info("embedding %d texts (%d distinct)", len(texts), len(unique))
+                vecs = _batched(lambda a, b: encoder.encode_text(unique[a:b]), len(unique), log_every, "texts")
+                where = {t: i for i, t in enumerate(unique)}
+                for k, t in zip(keys, texts):
+                    cache[k] = vecs[where[t]]
+            elif m == Modality.IMAGE:
+                images = [rows[k][0] for k in keys]
+                log.info("embedding %d images", len(images))
+                vecs = _batched(lambda a, b: encoder.encode_image(images[a:b]), len(images), log_every, "images")
+                cache.update(zip(keys, vecs))
+            else:
+                images = [rows[k][0] for k in keys]
+                texts = [rows[k][1] for k in keys]
+                log.info("embedding %d image-text pairs", len(keys))
+                vecs = _batched(lambda a, b: encoder.encode_pair(images[a:b], texts[a:b]), len(keys), log_every,
+                                "pairs")
+                cache.update(zip(keys, vecs))
+        seconds = time.perf_counter() - t0
+        log.info("embedded %d items in %.1f s", todo, seconds)
+    out = []
+    for task in tasks:
+        changes = {}
+        for name in _item_fields(task):
+            items: Items = getattr(task, name)
+            if items.embeddings is None:
+                emb = np.stack([cache[k] for k in items.keys]).astype(np.float32)
+                changes[name] = Items(texts=items.texts, images=items.images, embeddings=emb,
+                                      modality=items.modality, keys=items.keys)
+        out.append(replace(task, **changes) if changes else task)
+    return out, seconds
+
+
+def _batched(fn: Callable[[int, int], Any], n: int, log_every: int, what: str) -> np.ndarray:
+    parts, done = [], 0
+    for a in range(0, n, log_every):
+        b = min(n, a + log_every)
+        v = fn(a, b)
+        parts.append(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        done = b
+        if n > log_every:
+            log.info("  %s: %d/%d", what, done, n)
+    return np.concatenate(parts).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def apply_ablation(config: IndexConfig, name: str) -> IndexConfig:
+    """A copy of `config` with one ablation applied (see the module docstring)."""
+    config = copy.deepcopy(config)
+    if name in ("full", "", None):
+        return config
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}: choose from {list(ABLATIONS)}")
+    if name == "no_index_task":
+        config.decoder_training = replace(config.decoder_training, index_task=False)
+        return config
+    config.quantizer = config.quantizer.with_ablation(name)
+    if name == "no_query_augmentation":
+        config.decoder_training = replace(config.decoder_training, query_augmentation=False)
+    return config
+
+
+def _resolve_config(index_config: IndexConfigLike, num_items: int, seed: int) -> IndexConfig:
+    if isinstance(index_config, IndexConfig):
+        cfg = copy.deepcopy(index_config)
+    elif index_config is None:
+        cfg = IndexConfig.for_corpus(num_items)
+    else:
+        cfg = index_config(num_items)
+    cfg.quantizer = replace(cfg.quantizer, seed=seed)
+    cfg.decoder_training = replace(cfg.decoder_training, seed=seed)
+    return cfg
+
+
+def restrict_index(index: GeniusIndex, rows: Sequence[int] | np.ndarray) -> GeniusIndex:
+    """The same model (quantizer, decoder) searching only `rows` of the index's items:
+    a trie of their IDs; item numbers are positions in `rows`."""
+    rows = np.asarray(rows, dtype=np.int64)
+    codes = index.item_codes[rows]
+    trie = Trie.build(index.codec, index.codec.pack(codes[:, 1:]), codes[:, 0],
+                      ranges_per_modality=index.config.ranges_per_modality)
+    vectors = None if index.item_vectors is None else np.asarray(index.item_vectors[rows])
+    return GeniusIndex(index.config, index.quantizer, index.decoder, trie, codes,
+                       [index.item_keys[i] for i in rows], vectors, index.encoder)
+
+
+def _config_sizes(cfg: IndexConfig) -> dict[str, Any]:
+    q, d, t = cfg.quantizer, cfg.decoder, cfg.decoder_training
+    width = -(-q.num_levels * int(np.ceil(np.log2(q.codebook_size))) // 8)
+    return {
+        "levels": q.num_levels, "codebook_size": q.codebook_size, "id_bytes": width,
+        "decoder": {"layers": d.num_layers, "d_model": d.d_model, "heads": d.num_heads, "d_ff": d.d_ff,
+                    "prefix_len": d.prefix_len},
+        "quantizer_epochs": q.epochs, "quantizer_batch": q.batch_size,
+        "decoder_epochs": t.epochs, "decoder_batch": t.batch_size, "decoder_lr": t.lr,
+        "use_contrastive": q.use_contrastive, "use_modality_code": q.use_modality_code, "mse_weight": q.mse_weight,
+        "quantizer_query_augmentation": q.query_augmentation, "decoder_query_augmentation": t.query_augmentation,
+        "index_task": t.index_task, "beam_size": cfg.beam_size,
+    }
+
+
+@dataclass
+class _Fitted:
+    name: str
+    full: GeniusIndex  # pool + training candidates
+    pool: GeniusIndex  # searches the pool only
+    record: dict[str, Any]
+
+
+def _fit(name: str, scope: str, task_name: str, ablation: str, pool: Items, train_candidates: Items,
+         train_queries: Items, train_targets: np.ndarray, index_config: IndexConfigLike, seed: int,
+         progress: bool) -> _Fitted:
+    emb = np.concatenate([pool.embeddings, train_candidates.embeddings]).astype(np.float32)
+    corpus = Items.from_embeddings(emb, np.concatenate([pool.modality, train_candidates.modality]),
+                                   keys=list(pool.keys) + list(train_candidates.keys))
+    queries = Items.from_embeddings(train_queries.embeddings, train_queries.modality, keys=train_queries.keys)
+    cfg = apply_ablation(_resolve_config(index_config, len(corpus), seed), ablation)
+    log.info("fit %s: %d items (%d in the pool), %d training pairs, %d levels x %d codes, ablation %s",
+             name, len(corpus), len(pool), len(train_targets), cfg.quantizer.num_levels,
+             cfg.quantizer.codebook_size, ablation)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    index = GeniusIndex.fit(corpus, queries, np.asarray(train_targets) + len(pool), cfg, progress=progress)
+    seconds = time.perf_counter() - t0
+    pool_index = restrict_index(index, np.arange(len(pool)))
+    pool_codes = pool_index.item_codes
+    distinct = len(np.unique(pool_codes, axis=0))
+    record = {
+        "name": name, "scope": scope, "task": task_name, "ablation": ablation,
+        "items_indexed": len(corpus), "pool_items": len(pool), "train_pairs": int(len(train_targets)),
+        "sizes": _config_sizes(cfg), "config": cfg.to_dict(), "fit_seconds": round(seconds, 2),
+        "code0_values": sorted(int(v) for v in np.unique(index.item_codes[:, 0])),
+        "pool_distinct_ids": distinct, "pool_items_per_id": round(len(pool) / max(distinct, 1), 3),
+        "trie_bytes_per_item": round(float(pool_index.trie.bytes_per_item()), 2),
+    }
+    log.info("fit %s done in %.1f s: %d distinct IDs for %d pool items, code 0 values %s",
+             name, seconds, distinct, len(pool), record["code0_values"])
+    return _Fitted(name, index, pool_index, record)
+
+
+# ----------------------------------------------------------------------------- searching
+
+
+RERANK_CODES = "GENIUS+R (codes)"
+RERANK_DECODED = "GENIUS+R (decoded modality)"
+
+
+def _search(index: GeniusIndex, query_emb: np.ndarray, beam: int, k: int,
+            item_modality: np.ndarray | None = None) -> tuple[dict[str, list[list[int]]], float]:
+    """One trie-constrained beam search, ranked several ways ({method: rankings}, seconds):
+
+    * "GENIUS": beam order (`GeniusIndex.search(rerank=False)`);
+    * "GENIUS+R": the beam's items re-ranked by cosine similarity of query and stored item
+      embeddings (`rerank=True`);
+    * "GENIUS+R (codes)": re-ranked in the quantizer's learned space: projected query
+      against vectors rebuilt from the IDs (`rerank_with="codes"`);
+    * with `item_modality` (mixed pools), "GENIUS+R (decoded modality)": the beam's items
+      of the modality of its best item re-ranked first (by stored embeddings), then the
+      others: cosine similarity across modalities would undo the decoded modality.
+    """
+    out: dict[str, list[list[int]]] = {"GENIUS": [], "GENIUS+R": [], RERANK_CODES: []}
+    if item_modality is not None:
+        out[RERANK_DECODED] = []
+    t0 = time.perf_counter()
+    batch = index.config.query_batch
+    device = index.config.device
+    vectors = lambda items: np.asarray(index.item_vectors[items], dtype=np.float32)  # noqa: E731
+    rebuild = lambda items: index.quantizer.decode(torch.from_numpy(index.item_codes[items])).cpu().numpy()  # noqa: E731
+    with torch.no_grad():
+        for start in range(0, len(query_emb), batch):
+            chunk = query_emb[start : start + batch]
+            beams = beam_search(index.decoder, index.trie, torch.from_numpy(chunk).to(device), beam)
+            out["GENIUS"].extend(rank(beams, k).as_lists())
+            out["GENIUS+R"].extend(rank(beams, k, chunk, vectors).as_lists())
+            projected = index.quantizer.project(torch.from_numpy(chunk).to(device)).cpu().numpy()
+            out[RERANK_CODES].extend(rank(beams, k, projected, rebuild).as_lists())
+            if item_modality is not None:
+                for q in range(len(chunk)):
+                    items = np.array([i for i, _ in beams.ranked_items(q)], dtype=np.int64)
+                    if len(items) == 0:
+                        out[RERANK_DECODED].append([])
+                        continue
+                    v = vectors(items)
+                    sims = (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)) @ chunk[q]
+                    same = item_modality[items] == item_modality[items[0]]
+                    order = np.lexsort((-sims, ~same))  # decoded modality first, then by similarity
+                    out[RERANK_DECODED].append(items[order[:k]].tolist())
+    return out, time.perf_counter() - t0
+
+
+def _ratios(row: dict[str, Any], knn: dict[str, float]) -> None:
+    for k in KS:
+        base = knn[f"recall@{k}"]
+        row[f"ratio@{k}"] = round(row[f"recall@{k}"] / base, 4) if base > 0 else None
+
+
+def _modality_hits(ranked: list[list[int]], modality: np.ndarray, wanted: Modality) -> float:
+    tops = [r[0] for r in ranked if r]
+    if not ranked:
+        return 0.0
+    return float(sum(int(modality[i]) == int(wanted) for i in tops) / len(ranked))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class EvalReport:
+    """Results of `evaluate`. `results` rows: task, method, model, pool, fit, ablation, beam,
+    recall@1/5/10, ratio@1/5/10 (to exact kNN on the same pool), ms_per_query, and for
+    mixed pools top1_modality (share of queries whose top item has the task's modality).
+    Methods: "exact kNN", "GENIUS", "GENIUS+R", "GENIUS+R (codes)" and, on mixed pools,
+    "GENIUS+R (decoded modality)" (see `_search`)."""
+
+    tasks: list[dict[str, Any]]
+    results: list[dict[str, Any]]
+    beam_curves: dict[str, dict[str, dict[str, float]]]  # task -> curve label -> {beam: recall@10}
+    fits: list[dict[str, Any]]
+    timings: dict[str, Any]
+    meta: dict[str, Any]
+    universal: dict[str, Any] | None = None
+    indexes: dict[str, GeniusIndex] = field(default_factory=dict, repr=False)  # fit name -> pool index (not saved)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "tasks": self.tasks, "universal": self.universal, "results": self.results,
+                "beam_curves": self.beam_curves, "fits": self.fits, "timings": self.timings}
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "EvalReport":
+        d = json.loads(Path(path).read_text())
+        return cls(tasks=d["tasks"], results=d["results"], beam_curves=d["beam_curves"], fits=d["fits"],
+                   timings=d["timings"], meta=d["meta"], universal=d.get("universal"))
+
+    def rows(self, task: str, **where: Any) -> list[dict[str, Any]]:
+        return [r for r in self.results if r["task"] == task and all(r.get(k) == v for k, v in where.items())]
+
+    def get(self, task: str, method: str, model: str = "task", pool: str = "task", ablation: str = "full",
+            beam: int | None = None) -> dict[str, Any]:
+        """One result row (beam: the main beam unless given; kNN rows have beam None)."""
+        if beam is None and method != "exact kNN":
+            beam = self.meta["main_beam"]
+        for r in self.results:
+            if (r["task"], r["method"], r["model"], r["pool"], r["ablation"], r["beam"]) == (
+                    task, method, model, pool, ablation, beam):
+                return r
+        raise KeyError((task, method, model, pool, ablation, beam))
+
+    # --- Markdown ----------------------------------------------------------------------
+    def to_markdown(self, path: str | os.PathLike | None = None) -> str:
+        m = self.meta
+        lines = [f"# GENIUS evaluation: {m.get('title') or ', '.join(t['name'] for t in self.tasks)}", ""]
+        lines += [
+            f"- encoder: {m.get('encoder')}",
+            f"- main beam {m['main_beam']}, beams {m['beams']}, k = 10, seed {m['seed']}; "
+            f"GENIUS = beam order; GENIUS+R = beam items re-ranked by cosine similarity with the stored "
+            f"item embeddings; GENIUS+R (codes) = re-ranked in the quantizer's learned space (projected "
+            f"query vs vectors rebuilt from the IDs); GENIUS+R (decoded modality, mixed pools) = "
+            f"items of the best beam's modality re-ranked first; exact kNN = flat inner product over "
+            f"the same pool and embeddings; ratio = recall / kNN recall on the same pool.",
+            f"- {m.get('created')}, {m.get('machine')}, torch threads {m.get('torch_threads')}; "
+            f"total {self.timings.get('total_seconds', 0):.0f} s (embedding {self.timings.get('embed_seconds', 0):.0f} s)",
+            "",
+        ]
+        if self.universal:
+            u = self.universal
+            lines += [f"Universal pool `{u['name']}`: {u['candidates']} candidates {u['by_modality']}, "
+                      f"{u['train_queries']} training pairs from {len(u['tasks'])} tasks; searched with no "
+                      f"modality filter (the first decoded code chooses the modality); queries "
+                      + ("carry an instruction naming the target modality (text queries: a prefix such as "
+                         f"'{u['instruction_templates']['text query prefix']['image']}'; image queries become "
+                         f"(image, '{u['instruction_templates']['image query text']['text']}')-style pairs)."
+                         if u.get("instructions") else "carry no instruction."), ""]
+        for t in self.tasks:
+            name = t["name"]
+            lines += [f"## {name}", "",
+                      f"{t['query_modality']} → {t['candidate_modality']}; pool {t['candidates']}, "
+                      f"{t['test_queries']} test queries, {t['train_queries']} training pairs "
+                      f"({t['train_candidates']} training candidates); relevant per query: mean "
+                      f"{t['relevant_per_query']['mean']:.1f}; recall@1/5/10 of a random ranking "
+                      f"{_chance(t)}.", "",
+                      f"Relevance: {t['relevance_rule']}", ""]
+            main = [r for r in self.rows(name, ablation="full")
+                    if r["beam"] in (None, m["main_beam"])]
+            lines += ["| method | model | pool | beam | R@1 | R@5 | R@10 | R@1/kNN | R@5/kNN | R@10/kNN "
+                      "| top-1 modality | ms/query |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in main:
+                lines.append("| " + " | ".join([
+                    r["method"], r["model"], r["pool"], "" if r["beam"] is None else str(r["beam"]),
+                    *(f"{r[f'recall@{k}']:.3f}" for k in KS),
+                    *(_fmt(r.get(f"ratio@{k}")) for k in KS),
+                    _fmt(r.get("top1_modality")), _fmt(r.get("ms_per_query"), 1)]) + " |")
+            lines.append("")
+            curves = self.beam_curves.get(name, {})
+            if curves:
+                beams = sorted({int(b) for c in curves.values() for b in c})
+                labels = list(curves)
+                lines += ["Recall@10 against beam size:", "",
+                          "| beam | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+                for b in beams:
+                    lines.append(f"| {b} | " + " | ".join(_fmt(curves[lb].get(str(b))) for lb in labels) + " |")
+                lines.append("")
+            abl = [r for r in self.results if r["task"] == name and r["method"] != "exact kNN"
+                   and r["beam"] == m["main_beam"] and r["model"] in ("task", "universal")]
+            if self._has_ablations() and abl:
+                lines += [f"Ablations (refit, beam {m['main_beam']}):", "",
+                          "| ablation | method | model | pool | R@1 | R@5 | R@10 | R@10/kNN |",
+                          "|---|---|---|---|---:|---:|---:|---:|"]
+                order = ["full", *m.get("ablations", [])]
+                for a in order:
+                    for r in abl:
+                        if r["ablation"] == a:
+                            lines.append(f"| {a} | {r['method']} | {r['model']} | {r['pool']} | "
+                                         + " | ".join(f"{r[f'recall@{k}']:.3f}" for k in KS)
+                                         + f" | {_fmt(r.get('ratio@10'))} |")
+                lines.append("")
+        lines += ["## Fits", "",
+                  "| fit | items | pairs | L × K | ID bytes | decoder (layers/d/heads/ff/P) | epochs (q/d) "
+                  "| flags | code 0 values | pool IDs | fit s |",
+                  "|---|---:|---:|---|---:|---|---|---|---|---:|---:|"]
+        for f in self.fits:
+            s = f["sizes"]
+            d = s["decoder"]
+            flags = ", ".join(x for x, on in (
+                ("contrastive", s["use_contrastive"]), ("modality code", s["use_modality_code"]),
+                ("mse", s["mse_weight"] > 0), ("q-aug quantizer", s["quantizer_query_augmentation"]),
+                ("q-aug decoder", s["decoder_query_augmentation"]), ("index task", s["index_task"])) if on)
+            lines.append(f"| {f['name']} | {f['items_indexed']} | {f['train_pairs']} | {s['levels']} × "
+                         f"{s['codebook_size']} | {s['id_bytes']} | {d['layers']}/{d['d_model']}/{d['heads']}/"
+                         f"{d['d_ff']}/{d['prefix_len']} | {s['quantizer_epochs']}/{s['decoder_epochs']} | {flags} | "
+                         f"{f['code0_values']} | {f['pool_distinct_ids']} / {f['pool_items']} | {f['fit_seconds']:.0f} |")
+        lines.append("")
+        text = "\n".join(lines)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(Path(path), text)
+        return text
+
+    def _has_ablations(self) -> bool:
+        return bool(self.meta.get("ablations"))
+
+    # --- plot --------------------------------------------------------------------------
+    def plot_beam(self, path: str | os.PathLike) -> Path:
+        """recall@10 against beam size, one panel per task (kNN as dashed lines)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [t["name"] for t in self.tasks]
+        cols = min(3, max(1, len(names)))
+        rows = -(-len(names) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            for label, curve in self.beam_curves.get(name, {}).items():
+                beams = sorted(int(b) for b in curve)
+                ax.plot(beams, [curve[str(b)] for b in beams], marker="o", label=label,
+                        linestyle="-" if "+R" in label else "--")
+            for r in self.rows(name, method="exact kNN", ablation="full"):
+                ax.axhline(r["recall@10"], color="grey", linestyle=":", linewidth=1)
+                ax.annotate(f"kNN ({r['pool']} pool)", (1, r["recall@10"]), fontsize=7, color="grey",
+                            xytext=(2, 2), textcoords="offset points")
+            ax.set_xscale("log")
+            ticks = sorted({int(b) for c in self.beam_curves.get(name, {}).values() for b in c})
+            if ticks:
+                ax.set_xticks(ticks)
+                ax.set_xticklabels([str(b) for b in ticks])
+                ax.minorticks_off()
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("beam size")
+            ax.set_ylabel("recall@10")
+            ax.set_ylim(0, 1.02)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+
+def _chance(task: Mapping[str, Any]) -> str:
+    return " / ".join(_fmt(task.get(f"chance_recall@{k}")) or "?" for k in KS)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return ""
+    return f"{v:.{digits}f}"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    task_or_tasks: RetrievalTask | Sequence[RetrievalTask],
+    encoder: Any = None,
+    index_config: IndexConfigLike = None,
+    beams: Sequence[int] = (1, 5, 10, 20, 50),
+    ablations: Sequence[str] = (),
+    seed: int = 0,
+    *,
+    embeddings: Mapping[str, np.ndarray] | None = None,
+    main_beam: int | None = None,
+    per_task: bool = True,
+    universal: bool | None = None,
+    universal_task_pools: bool = True,
+    universal_instructions: bool | None = None,
+    ablation_scope: str = "all",
+    k: int = 10,
+    progress: bool = False,
+    keep_indexes: bool = False,
+    title: str | None = None,
+    encoder_description: str | None = None,
+) -> EvalReport:
+    """Evaluate GENIUS, GENIUS+R and exact kNN on the tasks; see the module docstring.
+
+    index_config: an IndexConfig used for every fit, a function num_items -> IndexConfig,
+    or None for `IndexConfig.for_corpus(num_items)` (the CPU config). Seeds of quantizer
+    and decoder are set to `seed`. main_beam: beam of the main table and the ablations
+    (default: the largest of `beams`). universal: one index over the union of the pools
+    (default: when there are several tasks); universal_instructions: its queries carry an
+    instruction naming the target modality (M-BEIR style; default: when an encoder is given
+    to embed them). ablation_scope: which fits the ablations refit: "all", "task" (the
+    per-task indexes) or "universal". keep_indexes: keep the fitted pool indexes in
+    `report.indexes` (by fit name).
+    """
+    t_start = time.perf_counter()
+    tasks = [task_or_tasks] if isinstance(task_or_tasks, RetrievalTask) else list(task_or_tasks)
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    beams = sorted({int(b) for b in beams})
+    if not beams or beams[0] < 1:
+        raise ValueError(f"beams must be positive, got {beams}")
+    main_beam = int(main_beam or beams[-1])
+    if main_beam not in beams:
+        beams = sorted(set(beams) | {main_beam})
+    ablations = list(dict.fromkeys(ablations))
+    for a in ablations:
+        if a not in ABLATIONS:
+            raise ValueError(f"unknown ablation {a!r}: choose from {list(ABLATIONS)}")
+    universal = len(tasks) > 1 if universal is None else universal
+    if ablation_scope not in ("all", "task", "universal"):
+        raise ValueError(f"ablation_scope must be 'all', 'task' or 'universal', got {ablation_scope!r}")
+    task_ablations = ablations if ablation_scope in ("all", "task") else []
+    universal_ablations = ablations if ablation_scope in ("all", "universal") else []
+    if not per_task and not universal:
+        raise ValueError("nothing to fit: per_task and universal are both off")
+    for t in tasks:
+        t.validate()
+
+    tasks, embed_seconds = embed_tasks(tasks, encoder, embeddings)
+    results: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, dict[str, float]]] = {t.name: {} for t in tasks}
+    fits: list[dict[str, Any]] = []
+    kept: dict[str, GeniusIndex] = {}
+
+    def knn_row(task: RetrievalTask, pool: Items, relevance: list, pool_name: str) -> dict[str, float]:
+        """Exact kNN of `task`'s test queries over `pool`; the row is filed under task.name."""
+        t0 = time.perf_counter()
+        ranked = exact_knn(task.test_queries.embeddings, pool.embeddings, k).tolist()
+        secs = time.perf_counter() - t0
+        table = recall_table(ranked, relevance, KS)
+        row = {"task": task.name, "method": "exact kNN", "model": "-", "pool": pool_name, "fit": None,
+               "ablation": "full", "beam": None, **table,
+               "ms_per_query": round(1000 * secs / max(len(ranked), 1), 3)}
+        _ratios(row, table)
+        if pool_name == "universal":
+            row["top1_modality"] = _modality_hits(ranked, pool.modality, task.candidate_modality)
+        results.append(row)
+        return table
+
+    def genius_rows(task: RetrievalTask, fitted: _Fitted, index: GeniusIndex, relevance: list, knn: dict,
+                    model: str, pool_name: str, ablation: str, beam_list: Sequence[int],
+                    curve_label: str | None, pool_modality: np.ndarray | None = None) -> None:
+        q = task.test_queries.embeddings
+        for beam in beam_list:
+            methods, secs = _search(index, q, beam, k, pool_modality)
+            for method, ranked in methods.items():
+                table = recall_table(ranked, relevance, KS)
+                row = {"task": task.name, "method": method, "model": model, "pool": pool_name, "fit": fitted.name,
+                       "ablation": ablation, "beam": beam, **table,
+                       "ms_per_query": round(1000 * secs / max(len(q), 1), 3)}
+                _ratios(row, knn)
+                if pool_modality is not None:
+                    row["top1_modality"] = _modality_hits(ranked, pool_modality, task.candidate_modality)
+                results.append(row)
+                if curve_label is not None:
+                    curves[task.name].setdefault(f"{method} ({curve_label})", {})[str(beam)] = table["recall@10"]
+            log.info("  %s [%s, %s pool, %s] beam %d: R@10 %s (kNN %.3f), %.1f ms/query",
+                     task.name, model, pool_name, ablation, beam,
+                     ", ".join(f"{m} {recall_table(r, relevance, (10,))['recall@10']:.3f}" for m, r in methods.items()),
+                     knn["recall@10"], 1000 * secs / max(len(q), 1))
+
+    # --- per-task indexes -----------------------------------------------------------
+    if per_task:
+        for task in tasks:
+            knn = knn_row(task, task.candidates, task.relevance, "task")
+            log.info("%s: exact kNN %s", task.name, _short(knn))
+            for ablation in ["full", *task_ablations]:
+                fit_name = task.name if ablation == "full" else f"{task.name} [{ablation}]"
+                fitted = _fit(fit_name, "task", task.name, ablation, task.candidates, task.train_candidates,
+                              task.train_queries, task.train_targets, index_config, seed, progress)
+                fits.append(fitted.record)
+                if keep_indexes:
+                    kept[fit_name] = fitted.pool
+                genius_rows(task, fitted, fitted.pool, task.relevance, knn, "task", "task", ablation,
+                            beams if ablation == "full" else [main_beam],
+                            "task model" if ablation == "full" else None)
+
+    # --- universal pool ---------------------------------------------------------------
+    universal_summary = None
+    if universal:
+        if universal_instructions is None:
+            universal_instructions = encoder is not None
+            if not universal_instructions:
+                log.warning("universal pool without query instructions (no encoder to embed them): "
+                            "queries of tasks that differ only in target modality are ambiguous")
+        up: UniversalPool = universal_pool(tasks, instructions=universal_instructions)
+        if universal_instructions:
+            views, secs = embed_tasks(up.tasks, encoder, embeddings)
+            embed_seconds += secs
+            up = replace(up, tasks=views)
+        universal_summary = up.summary()
+        log.info("universal pool: %s", universal_summary)
+        train_queries = concat_items([t.train_queries for t in up.tasks])
+        train_targets = np.concatenate([t.train_targets for t in up.tasks])
+        shown = {v.name: replace(v, name=orig.name) for orig, v in zip(tasks, up.tasks)}  # rows filed by task
+        knns = {v.name: knn_row(shown[v.name], up.candidates, v.relevance, "universal") for v in up.tasks}
+        own_knn = {}
+        if universal_task_pools and not per_task:
+            own_knn = {t.name: knn_row(t, t.candidates, t.relevance, "task") for t in tasks}
+        elif universal_task_pools:
+            own_knn = {t.name: {f"recall@{kk}": r[f"recall@{kk}"] for kk in KS}
+                       for t in tasks for r in results
+                       if r["task"] == t.name and r["method"] == "exact kNN" and r["pool"] == "task"}
+        for ablation in ["full", *universal_ablations]:
+            fit_name = up.name if ablation == "full" else f"{up.name} [{ablation}]"
+            fitted = _fit(fit_name, "universal", up.name, ablation, up.candidates, up.train_candidates,
+                          train_queries, train_targets, index_config, seed, progress)
+            fits.append(fitted.record)
+            if keep_indexes:
+                kept[fit_name] = fitted.pool
+            for orig, view in zip(tasks, up.tasks):
+                # Result rows are filed under the original task's name, pool "universal".
+                genius_rows(shown[view.name], fitted, fitted.pool, view.relevance, knns[view.name], "universal", "universal",
+                            ablation, beams if ablation == "full" else [main_beam],
+                            "universal" if ablation == "full" else None, up.candidates.modality)
+                if universal_task_pools and ablation == "full":
+                    own = restrict_index(fitted.full, up.rows[orig.name])
+                    genius_rows(orig, fitted, own, orig.relevance, own_knn[orig.name], "universal (task pool)",
+                                "task", ablation, [main_beam], None)
+
+    total = time.perf_counter() - t_start
+    meta = {
+        "title": title, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "encoder": encoder_description or (type(encoder).__name__ if encoder is not None else "precomputed embeddings"),
+        "beams": beams, "main_beam": main_beam, "k": k, "seed": seed, "ablations": ablations,
+        "ablation_scope": ablation_scope,
+        "per_task": per_task, "universal": universal, "universal_instructions": universal_instructions,
+        "embed_dim": int(tasks[0].candidates.embeddings.shape[1]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (
+            f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    }
+    timings = {"total_seconds": round(total, 2), "embed_seconds": round(embed_seconds, 2),
+               "fit_seconds": {f["name"]: f["fit_seconds"] for f in fits}}
+    log.info("evaluation done in %.0f s", total)
+    return EvalReport(tasks=[t.summary() for t in tasks], results=results, beam_curves=curves, fits=fits,
+                      timings=timings, meta=meta, universal=universal_summary, indexes=kept)
+
+
+def _short(table: Mapping[str, float]) -> str:
+    return ", ".join(f"R@{k.split('@')[1]} {v:.3f}" for k, v in table.items())
+
+
+def describe(report: EvalReport) -> str:
+    """A one-screen text summary (main beam, full configs) for logs and the CLI."""
+    lines = []
+    for t in report.tasks:
+        for r in report.rows(t["name"], ablation="full"):
+            if r["beam"] in (None, report.meta["main_beam"]):
+                lines.append(f"{t['name']:32s} {r['method']:27s} {r['model']:22s} {r['pool']:9s} "
+                             f"R@1 {r['recall@1']:.3f} R@5 {r['recall@5']:.3f} R@10 {r['recall@10']:.3f}")
+    return "\n".join(lines)
+

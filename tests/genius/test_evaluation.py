@@ -1,0 +1,267 @@
+"""evaluate(): GENIUS vs exact kNN on tasks from generated records, with fast fake embeddings."""
+import io
+import json
+import zlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genius.evaluation import ABLATIONS, EvalReport, _search, apply_ablation, embed_tasks, evaluate
+from genius.index import IndexConfig
+from genius.modality import Modality
+from genius.tasks import labelled_image_tasks
+from tests.genius.test_tasks import SHAPE_CLASSES, shape_records
+
+
+class FakeEncoder:
+    """Embeddings from content, fast: the class named in a text (or drawn in an image, by its
+    colour) -> class centre + a modality offset + item noise; an instruction ("...: ") adds
+    its own direction. Stands in for MultimodalEncoder (encode_text/encode_image/encode_pair)."""
+
+    def __init__(self, dim=32, noise=0.6, seed=0):
+        rng = np.random.default_rng(seed)
+        unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+        self.centres = unit(rng.normal(size=(len(SHAPE_CLASSES), dim)))
+        self.gap = 0.4 * unit(rng.normal(size=(3, dim)))
+        self.dim, self.noise = dim, noise
+        self.calls = 0
+
+    def _hash(self, data: bytes) -> np.ndarray:
+        v = np.random.default_rng(zlib.crc32(data)).normal(size=self.dim)
+        return v / np.linalg.norm(v)
+
+    def _vec(self, cls, modality, salt: bytes, instruction: str = "") -> np.ndarray:
+        v = self.centres[cls] + self.gap[modality] + self.noise * self._hash(salt) / 2
+        if instruction:
+            v = v + 0.5 * self._hash(instruction.encode())
+        return v / np.linalg.norm(v)
+
+    @staticmethod
+    def _text(t: str) -> tuple[int | None, str]:
+        instruction, _, body = t.rpartition(": ")
+        cls = next((i for i, (c, _, s) in enumerate(SHAPE_CLASSES) if f" {c} {s}" in f" {body}"), None)
+        return cls, instruction if cls is not None else t
+
+    @staticmethod
+    def _image(data: bytes) -> int:
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).reshape(-1, 3).astype(float)
+        colour = pixels[pixels.sum(1) > 60].mean(0)
+        return int(np.argmin([np.abs(colour - np.array(rgb)).sum() for _, rgb, _ in SHAPE_CLASSES]))
+
+    def encode_text(self, texts):
+        self.calls += 1
+        out = []
+        for t in texts:
+            cls, instruction = self._text(t)
+            out.append(self._vec(cls, Modality.TEXT, t.encode(), instruction))
+        return torch.tensor(np.stack(out), dtype=torch.float32)
+
+    def encode_image(self, images):
+        self.calls += 1
+        return torch.tensor(np.stack([self._vec(self._image(b), Modality.IMAGE, b) for b in images]),
+                            dtype=torch.float32)
+
+    def encode_pair(self, images, texts):
+        self.calls += 1
+        out = []
+        for b, t in zip(images, texts):
+            cls, instruction = self._text(t)
+            out.append(self._vec(self._image(b) if cls is None else cls, Modality.IMAGE_TEXT, t.encode() + b,
+                                 instruction))
+        return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def small_config(num_items: int) -> IndexConfig:
+    cfg = IndexConfig.for_corpus(num_items)
+    cfg.quantizer = replace(cfg.quantizer, epochs=8)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=12)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return labelled_image_tasks(shape_records(260), corpus="shapes", tasks=["text->image", "image->text"],
+                                max_candidates=70, max_queries=30, max_train=130, seed=0)
+
+
+@pytest.fixture(scope="module")
+def embedded(tasks):
+    out, _ = embed_tasks(tasks, FakeEncoder())
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(embedded, tmp_path_factory):
+    """One task from precomputed embeddings (no encoder), per-task index only."""
+    report = evaluate(embedded[0], None, small_config, beams=(1, 5, 20), seed=0, keep_indexes=True)
+    out = tmp_path_factory.mktemp("report")
+    return report, out
+
+
+@pytest.fixture(scope="module")
+def universal(tasks):
+    """Two tasks in one universal pool (with instructions), plus the no_modality_code ablation."""
+    return evaluate(tasks, FakeEncoder(), small_config, beams=(1, 10), ablations=("no_modality_code",),
+                    per_task=False, universal=True, keep_indexes=True)
+
+
+def test_embed_tasks_embeds_each_key_once(tasks):
+    encoder = FakeEncoder()
+    out, _ = embed_tasks(tasks, encoder)
+    assert encoder.calls == 2  # one text batch, one image batch
+    for t in out:
+        for items in (t.train_queries, t.train_candidates, t.test_queries, t.candidates):
+            assert items.embeddings is not None and len(items.embeddings) == len(items)
+    # The same key has the same vector in every task.
+    t2i, i2t = out
+    key = t2i.train_candidates.keys[0]
+    row = i2t.train_queries.keys.index(key)
+    assert np.array_equal(t2i.train_candidates.embeddings[0], i2t.train_queries.embeddings[row])
+    with pytest.raises(ValueError, match="pass an encoder"):
+        embed_tasks(tasks, None)
+
+
+def test_genius_beats_chance_and_reports_every_method(single, embedded):
+    report, _ = single
+    task = embedded[0]
+    name = task.name
+    knn = report.get(name, "exact kNN", model="-")
+    plain = report.get(name, "GENIUS")
+    reranked = report.get(name, "GENIUS+R")
+    chance1 = task.chance_recall(1)
+    assert knn["recall@1"] > 0.5, "the generated task must be solvable by exact search"
+    assert reranked["recall@1"] > chance1 + 0.3, (reranked, chance1)
+    assert plain["recall@10"] > chance1
+    for row in (plain, reranked):
+        assert row["ratio@10"] == pytest.approx(row["recall@10"] / knn["recall@10"], abs=1e-4)
+        assert row["fit"] == name and row["ms_per_query"] > 0
+    assert set(report.beam_curves[name]) == {"GENIUS (task model)", "GENIUS+R (task model)",
+                                             "GENIUS+R (codes) (task model)"}
+    assert set(report.beam_curves[name]["GENIUS+R (task model)"]) == {"1", "5", "20"}
+    (fit,) = report.fits
+    assert fit["sizes"]["levels"] == small_config(fit["items_indexed"]).quantizer.num_levels
+    assert fit["sizes"]["quantizer_epochs"] == 8 and fit["sizes"]["decoder_epochs"] == 12
+    assert fit["sizes"]["decoder"]["layers"] == 2 and fit["fit_seconds"] > 0
+    assert fit["items_indexed"] == len(task.candidates) + len(task.train_candidates)
+
+
+def test_search_path_matches_genius_index_search(single, embedded):
+    report, _ = single
+    index = report.indexes[embedded[0].name]
+    queries = embedded[0].test_queries.embeddings[:12]
+    methods, _ = _search(index, queries, 5, 10)
+    assert set(methods) == {"GENIUS", "GENIUS+R", "GENIUS+R (codes)"}
+    assert methods["GENIUS"] == index.search(queries, k=10, beam_size=5, rerank=False).as_lists()
+    assert methods["GENIUS+R"] == index.search(queries, k=10, beam_size=5, rerank=True).as_lists()
+    assert methods["GENIUS+R (codes)"] == index.search(queries, k=10, beam_size=5, rerank_with="codes").as_lists()
+    # The search index holds the pool only (the training candidates were indexed for training).
+    assert len(index) == len(embedded[0].candidates)
+    assert index.item_keys == embedded[0].candidates.keys
+
+
+def test_report_files(single):
+    report, out = single
+    report.to_json(out / "eval.json")
+    text = report.to_markdown(out / "eval.md")
+    report.plot_beam(out / "beam.png")
+    data = json.loads((out / "eval.json").read_text())
+    assert set(data) == {"meta", "tasks", "universal", "results", "beam_curves", "fits", "timings"}
+    assert {"recall@1", "recall@5", "recall@10", "ratio@1", "ratio@5", "ratio@10", "method", "model", "pool",
+            "beam", "fit", "ablation", "ms_per_query"} <= set(data["results"][1])
+    assert data["tasks"][0]["relevance_rule"].startswith("class-level")
+    assert data["meta"]["main_beam"] == 20 and data["timings"]["total_seconds"] > 0
+    md = (out / "eval.md").read_text()
+    assert md == text
+    assert "| method | model | pool | beam | R@1 | R@5 | R@10 | R@1/kNN | R@5/kNN | R@10/kNN |" in md
+    assert "| exact kNN |" in md and "| GENIUS+R | task | task | 20 |" in md
+    assert "## Fits" in md and "Relevance: class-level" in md
+    assert (out / "beam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = EvalReport.from_json(out / "eval.json")
+    assert again.to_markdown() == text
+
+
+def test_universal_pool_and_the_no_modality_code_ablation(universal, tasks):
+    report = universal
+    assert report.universal["by_modality"] == {"image": 70, "text": 70}
+    assert report.universal["instructions"] is True
+    full, ablated = report.fits
+    assert full["ablation"] == "full" and ablated["ablation"] == "no_modality_code"
+    assert full["code0_values"] == [0, 1]
+    assert ablated["code0_values"] == [0]
+    assert ablated["sizes"]["use_modality_code"] is False
+    index = report.indexes["universal [no_modality_code]"]
+    assert (index.item_codes[:, 0] == 0).all(), "code 0 must be constant without the modality code"
+    assert set(np.unique(report.indexes["universal"].item_codes[:, 0])) == {int(Modality.IMAGE), int(Modality.TEXT)}
+    for task in tasks:
+        row = report.get(task.name, "GENIUS+R", model="universal", pool="universal")
+        assert row["recall@10"] > task.chance_recall(10) / 2
+        assert 0.0 <= row["top1_modality"] <= 1.0
+        plain = report.get(task.name, "GENIUS", model="universal", pool="universal")
+        assert plain["top1_modality"] > 0.5, "the first code picks the task's modality"
+        report.get(task.name, "GENIUS", model="universal", pool="universal", ablation="no_modality_code")
+        report.get(task.name, "GENIUS+R", model="universal (task pool)", pool="task")
+        report.get(task.name, "exact kNN", model="-", pool="universal")
+        decoded = report.get(task.name, "GENIUS+R (decoded modality)", model="universal", pool="universal")
+        assert decoded["top1_modality"] == plain["top1_modality"], "re-ranking keeps the decoded modality first"
+        assert set(report.beam_curves[task.name]) == {"GENIUS (universal)", "GENIUS+R (universal)",
+                                                      "GENIUS+R (codes) (universal)",
+                                                      "GENIUS+R (decoded modality) (universal)"}
+    md = report.to_markdown()
+    assert "Ablations (refit, beam 10)" in md and "| no_modality_code |" in md
+
+
+def test_apply_ablation():
+    base = IndexConfig.for_corpus(500)
+    assert apply_ablation(base, "no_contrastive").quantizer.use_contrastive is False
+    assert apply_ablation(base, "no_modality_code").quantizer.use_modality_code is False
+    assert apply_ablation(base, "no_mse").quantizer.mse_weight == 0.0
+    qa = apply_ablation(base, "no_query_augmentation")
+    assert qa.quantizer.query_augmentation is False and qa.decoder_training.query_augmentation is False
+    it = apply_ablation(base, "no_index_task")
+    assert it.decoder_training.index_task is False and it.quantizer == base.quantizer
+    assert base.decoder_training.index_task and base.quantizer.use_contrastive, "the original is unchanged"
+    assert set(ABLATIONS) == {"no_contrastive", "no_modality_code", "no_query_augmentation", "no_mse", "no_index_task"}
+    with pytest.raises(ValueError, match="unknown ablation"):
+        apply_ablation(base, "no_decoder")
+
+
+def test_bad_arguments_fail_before_fitting(embedded):
+    with pytest.raises(ValueError, match="unknown ablation"):
+        evaluate(embedded, None, small_config, ablations=("no_such",))
+    with pytest.raises(ValueError, match="beams"):
+        evaluate(embedded, None, small_config, beams=(0, 5))
+    with pytest.raises(ValueError, match="nothing to fit"):
+        evaluate(embedded, None, small_config, per_task=False, universal=False)
+
+
+def test_eval_cli_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+    from cluster import eval_cli
+    from genius.data.shards import ShardWriter
+    from genius.encoders import EncoderConfig, MultimodalEncoder
+
+    with ShardWriter(tmp_path / "shards", "shapes", 100) as writer:
+        for record in shape_records(160, seed=3):
+            writer.write(record)
+
+    class Encoder(FakeEncoder):  # the CLI's default encoder, without loading MiniLM
+        cfg = EncoderConfig()
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(MultimodalEncoder, "from_config", classmethod(lambda cls, cfg=None: Encoder()))
+    out = tmp_path / "eval"
+    rc = eval_cli.main(["--shards", str(tmp_path / "shards"), "--corpus-kind", "fashion-mnist",
+                        "--tasks", "text->image", "image->text", "--max-candidates", "40", "--max-queries", "10",
+                        "--quantizer-epochs", "2", "--decoder-epochs", "2", "--beams", "1", "4",
+                        "--universal", "--no-per-task", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert [t["name"] for t in data["tasks"]] == ["fashion-mnist/text->image", "fashion-mnist/image->text"]
+    assert data["universal"]["candidates"] == 80 and data["meta"]["command"]["max_candidates"] == 40
+    assert "tone/texture" in data["tasks"][0]["relevance_rule"]
+    assert "| GENIUS+R | universal | universal | 4 |" in (out / "eval.md").read_text()
+    assert (out / "beam.png").stat().st_size > 1000
