@@ -26,13 +26,11 @@ uninterrupted run, given the same data in the same order.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import math
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +44,7 @@ from open_clip.loss import ClipLoss
 from torch import nn
 from tqdm.auto import tqdm
 
+from genius.atomic import write_atomic
 from genius.encoders import ImageInput, MultimodalEncoder, validate_text
 from genius.errors import InvalidInputError
 
@@ -426,20 +425,6 @@ class _Prefetcher:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -559,7 +544,7 @@ def train_encoder(
             return
         model_state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()
                        if not (text_locked and k in text_names)}
-        _atomic_save({
+        checkpoint = {
             "version": _CHECKPOINT_VERSION,
             "config": config.to_dict(),
             "model": model_state,
@@ -569,7 +554,8 @@ def train_encoder(
             "history": state["history"], "acc": state["acc"],
             "rng": _rng_state(device),
             "text_cache": texts.state_dict(),
-        }, ckpt_path)
+        }
+        write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
         log.debug("checkpoint at step %d written to %s", state["step"], ckpt_path)
 
     def done() -> bool:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from open_clip.hf_model import HFTextEncoder
 from PIL import Image, ImageOps
 from torch import nn
 
+from genius.atomic import write_atomic
 from genius.errors import InvalidInputError
 from genius.fusion import Fusion
 
@@ -551,8 +551,8 @@ class MultimodalEncoder(nn.Module):
             "text_weights_saved": not skip_text,
             "text_package_version": _minilm_version() if skip_text else None,
         }
-        _atomic_write(directory / WEIGHTS_FILE, lambda f: torch.save(state, f))
-        _atomic_write(directory / CONFIG_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        write_atomic(directory / WEIGHTS_FILE, lambda f: torch.save(state, f))
+        write_atomic(directory / CONFIG_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         log.info("saved encoder to %s (%d tensors, text weights %s)", directory, len(state),
                  "included" if not skip_text else "from package")
         return directory
@@ -582,18 +582,3 @@ class MultimodalEncoder(nn.Module):
             )
         model.to(cfg.device)
         return model
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

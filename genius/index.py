@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from genius.atomic import write_atomic, write_json_atomic
 from genius.beam_search import beam_search, per_query_modalities
 from genius.decoder import DecoderConfig, GeniusDecoder
 from genius.decoder_training import DecoderTrainConfig, train_decoder
@@ -227,29 +228,23 @@ class GeniusIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.trie.save(directory / "trie")
-        _atomic_torch_save(self.quantizer.state_dict(), directory / "quantizer.pt")
-        _atomic_torch_save(self.decoder.state_dict(), directory / "decoder.pt")
+        write_atomic(directory / "quantizer.pt", lambda f: torch.save(self.quantizer.state_dict(), f))
+        write_atomic(directory / "decoder.pt", lambda f: torch.save(self.decoder.state_dict(), f))
         table = pa.table({
             "item": pa.array(np.arange(len(self)), pa.int64()),
             "key": pa.array(self.item_keys, pa.string()),
             "modality": pa.array([Modality(int(m)).name.lower() for m in self.item_codes[:, 0]], pa.string()),
             "id": pa.array(self.codec.to_bytes(self.codec.pack(self.item_codes[:, 1:])), pa.binary(self.codec.width)),
         })
-        tmp = directory / "items.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, directory / "items.parquet")
+        write_atomic(directory / "items.parquet", lambda f: pq.write_table(table, f))
         if self.item_vectors is not None:
-            tmp = directory / "vectors.tmp.npy"
-            np.save(tmp, self.item_vectors)
-            os.replace(tmp, directory / "vectors.npy")
+            write_atomic(directory / "vectors.npy", lambda f: np.save(f, self.item_vectors))
         if self.encoder is not None:
             self.encoder.save(directory / "encoder")
         meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
                 "embed_dim": self.decoder.embed_dim, "num_items": len(self),
                 "has_encoder": self.encoder is not None, "has_vectors": self.item_vectors is not None}
-        tmp = directory / "index.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, directory / "index.json")  # written last: marks the index complete
+        write_json_atomic(directory / "index.json", meta)  # written last: marks the index complete
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu", mmap: bool = True) -> "GeniusIndex":
@@ -319,9 +314,3 @@ def _modality_means(item_emb: np.ndarray, modality: np.ndarray, dim: int) -> tor
         if rows.any():
             means[m] = torch.from_numpy(item_emb[rows].mean(0))
     return means
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from genius.atomic import write_atomic, write_json_atomic
 from genius.idcodec import IdCodec
 from genius.modality import NUM_MODALITIES, Modality
 
@@ -153,11 +154,11 @@ class Trie:
         for part in self.partitions:
             stem = f"{part.modality.name.lower()}-{int(part.code_lo):05d}"
             files = {"ids": f"{stem}.ids", "items": f"{stem}.items"}
-            _write_atomic(directory / files["ids"], part.ids)
-            _write_atomic(directory / files["items"], part.items)
+            write_atomic(directory / files["ids"], np.ascontiguousarray(part.ids).tofile)
+            write_atomic(directory / files["items"], np.ascontiguousarray(part.items).tofile)
             for level, table in enumerate(part.dense):
                 files[f"dense{level}"] = f"{stem}.dense{level}"
-                _write_atomic(directory / files[f"dense{level}"], table)
+                write_atomic(directory / files[f"dense{level}"], np.ascontiguousarray(table).tofile)
             entries.append({
                 "modality": part.modality.name.lower(), "code_lo": int(part.code_lo), "code_hi": int(part.code_hi),
                 "count": len(part), "item_dtype": str(part.items.dtype), "dense_levels": len(part.dense),
@@ -165,9 +166,7 @@ class Trie:
             })
         manifest = {"num_levels": self.codec.num_levels, "codebook_size": self.codec.codebook_size,
                     "width": self.codec.width, "partitions": entries}
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, directory / MANIFEST)
+        write_json_atomic(directory / MANIFEST, manifest)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "Trie":
@@ -285,15 +284,6 @@ class Expansion:
         else:
             prefix = np.zeros(len(beam), dtype=np.int64)
         return TrieState(part_of_beam, lo, hi, prefix)
-
-
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.ascontiguousarray(array).tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read(path: Path, dtype: np.dtype, shape: tuple | None, mmap: bool) -> np.ndarray:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from genius.atomic import write_json_atomic
 from genius.errors import GeniusError
 from genius.items import Items
 from genius.modality import Modality
@@ -336,7 +337,7 @@ class ShardWriter:
             "options": self.options,
             "shards": self._shards,
         }
-        _write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
+        write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
         if self.skipped:
             log.warning("%s: %d records written, %d skipped %s", self.dataset, self.items,
                         sum(self.skipped.values()), dict(self.skipped))
@@ -360,12 +361,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
