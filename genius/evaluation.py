@@ -478,7 +478,8 @@ class EvalReport:
                         linestyle="-" if "+R" in label else "--")
             for r in self.rows(name, method="exact kNN", ablation="full"):
                 ax.axhline(r["recall@10"], color="grey", linestyle=":", linewidth=1)
-                ax.annotate(f"kNN ({r['pool']} pool)", (1, r["recall@10"]), fontsize=7, color="grey",
+                who = "" if r["model"] == "-" else f", {r['model']}"
+                ax.annotate(f"kNN ({r['pool']} pool{who})", (1, r["recall@10"]), fontsize=7, color="grey",
                             xytext=(2, 2), textcoords="offset points")
             ax.set_xscale("log")
             ticks = sorted({int(b) for c in self.beam_curves.get(name, {}).values() for b in c})
@@ -598,13 +599,17 @@ def evaluate(
     fits: list[dict[str, Any]] = []
     kept: dict[str, GeniusIndex] = {}
 
-    def knn_row(task: RetrievalTask, pool: Items, relevance: list, pool_name: str) -> dict[str, float]:
-        """Exact kNN of `task`'s test queries over `pool`; the row is filed under task.name."""
+    def knn_row(task: RetrievalTask, pool: Items, relevance: list, pool_name: str, model: str = "-",
+                dedupe: bool = False) -> dict[str, float]:
+        """Exact kNN of `task`'s test queries over `pool`; the row is filed under task.name
+        (dedupe: the same row exists already, return its numbers without adding one)."""
         t0 = time.perf_counter()
         ranked = exact_knn(task.test_queries.embeddings, pool.embeddings, k).tolist()
         secs = time.perf_counter() - t0
         table = recall_table(ranked, relevance, KS)
-        row = {"task": task.name, "method": "exact kNN", "model": "-", "pool": pool_name, "fit": None,
+        if dedupe:
+            return table
+        row = {"task": task.name, "method": "exact kNN", "model": model, "pool": pool_name, "fit": None,
                "ablation": "full", "beam": None, **table,
                "ms_per_query": round(1000 * secs / max(len(ranked), 1), 3)}
         _ratios(row, table)
@@ -670,13 +675,16 @@ def evaluate(
         train_targets = np.concatenate([t.train_targets for t in up.tasks])
         shown = {v.name: replace(v, name=orig.name) for orig, v in zip(tasks, up.tasks)}  # rows filed by task
         knns = {v.name: knn_row(shown[v.name], up.candidates, v.relevance, "universal") for v in up.tasks}
+        # The universal model searched over each task's own pool, with the universal queries
+        # (instructed, if so); its kNN baseline uses the same queries over the same pool.
+        own_tasks = {t.name: replace(t, test_queries=v.test_queries, query_modality=v.query_modality)
+                     for t, v in zip(tasks, up.tasks)}
         own_knn = {}
-        if universal_task_pools and not per_task:
-            own_knn = {t.name: knn_row(t, t.candidates, t.relevance, "task") for t in tasks}
-        elif universal_task_pools:
-            own_knn = {t.name: {f"recall@{kk}": r[f"recall@{kk}"] for kk in KS}
-                       for t in tasks for r in results
-                       if r["task"] == t.name and r["method"] == "exact kNN" and r["pool"] == "task"}
+        if universal_task_pools:
+            own_knn = {t.name: knn_row(own_tasks[t.name], t.candidates, t.relevance, "task",
+                                       model="universal queries" if universal_instructions else "-",
+                                       dedupe=not universal_instructions and per_task)
+                       for t in tasks}
         for ablation in ["full", *universal_ablations]:
             fit_name = up.name if ablation == "full" else f"{up.name} [{ablation}]"
             fitted = _fit(fit_name, "universal", up.name, ablation, up.candidates, up.train_candidates,
@@ -691,7 +699,8 @@ def evaluate(
                             "universal" if ablation == "full" else None, up.candidates.modality)
                 if universal_task_pools and ablation == "full":
                     own = restrict_index(fitted.full, up.rows[orig.name])
-                    genius_rows(orig, fitted, own, orig.relevance, own_knn[orig.name], "universal (task pool)",
+                    genius_rows(own_tasks[orig.name], fitted, own, orig.relevance, own_knn[orig.name],
+                                "universal (task pool)",
                                 "task", ablation, [main_beam], None)
 
     total = time.perf_counter() - t_start

@@ -235,10 +235,9 @@ def _drop_unanswerable(queries: Items, relevance: list[set[int]]) -> tuple[Items
 # ----------------------------------------------------------------------------- splits
 
 
-def _split_sizes(n: int, max_candidates: int, max_queries: int, max_train: int | None,
-                 queries_from_pool: bool) -> tuple[int, int, int]:
+def _split_sizes(n: int, max_candidates: int, max_queries: int, max_train: int | None) -> tuple[int, int, int]:
     """(pool, query, train) record counts; shrinks pool and queries to leave half for training."""
-    need_q = 0 if queries_from_pool else max_queries
+    need_q = max_queries
     c, q = max_candidates, need_q
     if c + q > n // 2:
         scale = (n // 2) / max(c + q, 1)
@@ -336,7 +335,7 @@ def labelled_image_tasks(
     recs, skipped = _select(records, True, True, [label_key], corpus)
     rng = np.random.default_rng(seed)
     max_train = max_candidates if max_train is None else max_train
-    c, q, t = _split_sizes(len(recs), max_candidates, max_queries, max_train, queries_from_pool=False)
+    c, q, t = _split_sizes(len(recs), max_candidates, max_queries, max_train)
     order = rng.permutation(len(recs))
     pool = [recs[i] for i in order[:c]]
     qrec = [recs[i] for i in order[c : c + q]]

@@ -202,7 +202,9 @@ def test_universal_pool_and_the_no_modality_code_ablation(universal, tasks):
         plain = report.get(task.name, "GENIUS", model="universal", pool="universal")
         assert plain["top1_modality"] > 0.5, "the first code picks the task's modality"
         report.get(task.name, "GENIUS", model="universal", pool="universal", ablation="no_modality_code")
-        report.get(task.name, "GENIUS+R", model="universal (task pool)", pool="task")
+        own = report.get(task.name, "GENIUS+R", model="universal (task pool)", pool="task")
+        own_knn = report.get(task.name, "exact kNN", model="universal queries", pool="task")
+        assert own["ratio@10"] == pytest.approx(own["recall@10"] / own_knn["recall@10"], abs=1e-4)
         report.get(task.name, "exact kNN", model="-", pool="universal")
         decoded = report.get(task.name, "GENIUS+R (decoded modality)", model="universal", pool="universal")
         assert decoded["top1_modality"] == plain["top1_modality"], "re-ranking keeps the decoded modality first"
