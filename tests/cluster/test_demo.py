@@ -16,7 +16,7 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path, capsys, caplog):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "exact kNN" in printed and "GENIUS" in printed
-    assert "example text->image queries" in printed
+    assert "example text->image queries" in printed and "example image->text queries" in printed
     for name in ("report.json", "report.md", "recall_vs_beam.png", "demo.json", "shards/shards.json",
                  "encoder/encoder_config.json"):
         assert (out / name).exists(), name
