@@ -40,6 +40,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--encoder", metavar="DIR",
                    help="a saved MultimodalEncoder (default: the offline default encoder: locked MiniLM text "
                         "tower, untrained image tower)")
+    p.add_argument("--embedding-cache", metavar="FILE",
+                   help="Parquet file of embeddings by content for this encoder: read, extended and rewritten, so "
+                        "a rerun embeds only what changed (ignored if another encoder wrote it)")
     p.add_argument("--max-candidates", type=int, default=1000, help="pool size per task (default: 1000)")
     p.add_argument("--max-queries", type=int, default=200, help="test queries per task (default: 200)")
     p.add_argument("--max-train", type=int, help="training records (default: as many as --max-candidates)")
@@ -134,11 +137,17 @@ def run_eval(args: argparse.Namespace) -> int:
                        f"{encoder.cfg.image_timm_model or 'ModifiedResNet'} image tower (seed {args.seed}), "
                        "untrained fusion (average)")
     encoder.eval()
+    cache = None
+    if args.embedding_cache:
+        from genius.embedding_cache import EmbeddingCache, encoder_fingerprint
+
+        cache = EmbeddingCache(args.embedding_cache, encoder_fingerprint(encoder))
     out = Path(args.out or f"bench/results/eval-{args.corpus_kind}")
     report = evaluate(
         tasks, encoder, _index_config(args), beams=args.beams, ablations=args.ablations, seed=args.seed,
         main_beam=args.main_beam, per_task=not args.no_per_task, universal=args.universal,
         universal_instructions=not args.no_instructions, ablation_scope=args.ablation_scope, progress=args.progress,
+        embedding_cache=cache,
         title=f"{args.corpus_kind} ({', '.join(t.short_name for t in tasks)})", encoder_description=description,
     )
     report.meta["command"] = {k: v for k, v in vars(args).items() if k != "run"}

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from genius.beam_search import beam_search
+from genius.embedding_cache import EmbeddingCache, content_id
 from genius.index import GeniusIndex, IndexConfig
 from genius.items import Items
 from genius.metrics import exact_knn, recall_table
@@ -74,13 +75,16 @@ def embed_tasks(
     encoder: Any = None,
     embeddings: Mapping[str, np.ndarray] | None = None,
     log_every: int = 5000,
+    cache: EmbeddingCache | None = None,
 ) -> tuple[list[RetrievalTask], float]:
     """The tasks with embeddings in all their `Items`; (tasks, seconds spent encoding).
 
     Each key is embedded once (equal texts once); `embeddings` (key -> vector) and vectors
-    the Items already carry are used as they are. Needs `encoder` for anything else.
+    the Items already carry are used as they are. `cache` (by content, for this encoder)
+    serves what an earlier run embedded and keeps what this one embeds (saved at the end).
+    Needs `encoder` for anything else.
     """
-    cache: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in (embeddings or {}).items()}
+    by_key: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in (embeddings or {}).items()}
     pending: dict[Modality, dict[str, tuple[Any, Any]]] = {m: {} for m in Modality}
     for task in tasks:
         for name in _item_fields(task):
@@ -88,16 +92,24 @@ def embed_tasks(
             if items.keys is None:
                 raise ValueError(f"{task.name}: {name} have no keys")
             for i, key in enumerate(items.keys):
-                if key in cache:
+                if key in by_key:
                     continue
                 if items.embeddings is not None:
-                    cache[key] = items.embeddings[i]
+                    by_key[key] = items.embeddings[i]
                     continue
                 m = Modality(int(items.modality[i]))
                 if key not in pending[m]:
                     text = items.texts[i] if items.texts is not None else None
                     image = items.images[i] if items.images is not None else None
                     pending[m][key] = (image, text)
+    if cache is not None:
+        for m, rows in pending.items():
+            ids = {k: content_id(m, *rows[k]) for k in rows}
+            for k, cid in ids.items():
+                vec = cache.get(cid)
+                if vec is not None:
+                    by_key[k] = vec
+            pending[m] = {k: v for k, v in rows.items() if k not in by_key}
     todo = sum(len(p) for p in pending.values())
     seconds = 0.0
     if todo:
@@ -105,42 +117,44 @@ def embed_tasks(
             raise ValueError(f"{todo} items carry no embeddings: pass an encoder or embeddings")
         t0 = time.perf_counter()
         for m, rows in pending.items():
-            if not rows:
-                continue
-            keys = list(rows)
-            if m == Modality.TEXT:
-                texts = [rows[k][1] for k in keys]
-                unique = list(dict.fromkeys(texts))
-                log.info("embedding %d texts (%d distinct)", len(texts), len(unique))
-                vecs = _batched(lambda a, b: encoder.encode_text(unique[a:b]), len(unique), log_every, "texts")
-                where = {t: i for i, t in enumerate(unique)}
-                for k, t in zip(keys, texts):
-                    cache[k] = vecs[where[t]]
-            elif m == Modality.IMAGE:
-                images = [rows[k][0] for k in keys]
-                log.info("embedding %d images", len(images))
-                vecs = _batched(lambda a, b: encoder.encode_image(images[a:b]), len(images), log_every, "images")
-                cache.update(zip(keys, vecs))
-            else:
-                images = [rows[k][0] for k in keys]
-                texts = [rows[k][1] for k in keys]
-                log.info("embedding %d image-text pairs", len(keys))
-                vecs = _batched(lambda a, b: encoder.encode_pair(images[a:b], texts[a:b]), len(keys), log_every,
-                                "pairs")
-                cache.update(zip(keys, vecs))
+            if rows:
+                vecs = _encode(encoder, m, list(rows.values()), log_every)
+                by_key.update(zip(rows, vecs))
+                if cache is not None:
+                    for (k, (image, text)), vec in zip(rows.items(), vecs):
+                        cache.put(content_id(m, image, text), vec)
         seconds = time.perf_counter() - t0
         log.info("embedded %d items in %.1f s", todo, seconds)
+    if cache is not None:
+        cache.save()
     out = []
     for task in tasks:
         changes = {}
         for name in _item_fields(task):
             items: Items = getattr(task, name)
             if items.embeddings is None:
-                emb = np.stack([cache[k] for k in items.keys]).astype(np.float32)
+                emb = np.stack([by_key[k] for k in items.keys]).astype(np.float32)
                 changes[name] = Items(texts=items.texts, images=items.images, embeddings=emb,
                                       modality=items.modality, keys=items.keys)
         out.append(replace(task, **changes) if changes else task)
     return out, seconds
+
+
+def _encode(encoder: Any, modality: Modality, rows: list[tuple[Any, Any]], log_every: int) -> np.ndarray:
+    """Embed (image, text) rows of one modality: (N, D) float32; equal texts once."""
+    images = [r[0] for r in rows]
+    texts = [r[1] for r in rows]
+    if modality == Modality.TEXT:
+        unique = list(dict.fromkeys(texts))
+        log.info("embedding %d texts (%d distinct)", len(texts), len(unique))
+        vecs = _batched(lambda a, b: encoder.encode_text(unique[a:b]), len(unique), log_every, "texts")
+        where = {t: i for i, t in enumerate(unique)}
+        return vecs[[where[t] for t in texts]]
+    if modality == Modality.IMAGE:
+        log.info("embedding %d images", len(images))
+        return _batched(lambda a, b: encoder.encode_image(images[a:b]), len(images), log_every, "images")
+    log.info("embedding %d image-text pairs", len(rows))
+    return _batched(lambda a, b: encoder.encode_pair(images[a:b], texts[a:b]), len(rows), log_every, "pairs")
 
 
 def _batched(fn: Callable[[int, int], Any], n: int, log_every: int, what: str) -> np.ndarray:
@@ -554,6 +568,7 @@ def evaluate(
     k: int = 10,
     progress: bool = False,
     keep_indexes: bool = False,
+    embedding_cache: EmbeddingCache | None = None,
     title: str | None = None,
     encoder_description: str | None = None,
 ) -> EvalReport:
@@ -567,7 +582,8 @@ def evaluate(
     instruction naming the target modality (M-BEIR style; default: when an encoder is given
     to embed them). ablation_scope: which fits the ablations refit: "all", "task" (the
     per-task indexes) or "universal". keep_indexes: keep the fitted pool indexes in
-    `report.indexes` (by fit name).
+    `report.indexes` (by fit name). embedding_cache: vectors by content for this encoder
+    (see `genius.embedding_cache`), read and extended.
     """
     t_start = time.perf_counter()
     tasks = [task_or_tasks] if isinstance(task_or_tasks, RetrievalTask) else list(task_or_tasks)
@@ -593,7 +609,7 @@ def evaluate(
     for t in tasks:
         t.validate()
 
-    tasks, embed_seconds = embed_tasks(tasks, encoder, embeddings)
+    tasks, embed_seconds = embed_tasks(tasks, encoder, embeddings, cache=embedding_cache)
     results: list[dict[str, Any]] = []
     curves: dict[str, dict[str, dict[str, float]]] = {t.name: {} for t in tasks}
     fits: list[dict[str, Any]] = []
@@ -666,7 +682,7 @@ def evaluate(
                             "queries of tasks that differ only in target modality are ambiguous")
         up: UniversalPool = universal_pool(tasks, instructions=universal_instructions)
         if universal_instructions:
-            views, secs = embed_tasks(up.tasks, encoder, embeddings)
+            views, secs = embed_tasks(up.tasks, encoder, embeddings, cache=embedding_cache)
             embed_seconds += secs
             up = replace(up, tasks=views)
         universal_summary = up.summary()

@@ -124,6 +124,20 @@ def test_embed_tasks_embeds_each_key_once(tasks):
         embed_tasks(tasks, None)
 
 
+def test_embed_tasks_with_a_cache_embeds_nothing_twice(tasks, tmp_path):
+    from genius.embedding_cache import EmbeddingCache
+
+    encoder = FakeEncoder()
+    first, _ = embed_tasks(tasks, encoder, cache=EmbeddingCache(tmp_path / "e.parquet", "fake"))
+    assert encoder.calls == 2
+    cache = EmbeddingCache(tmp_path / "e.parquet", "fake")
+    again, _ = embed_tasks(tasks, encoder, cache=cache)
+    assert encoder.calls == 2 and cache.misses == 0  # all served from the file
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.candidates.embeddings, b.candidates.embeddings)
+        np.testing.assert_array_equal(a.test_queries.embeddings, b.test_queries.embeddings)
+
+
 def test_genius_beats_chance_and_reports_every_method(single, embedded):
     report, _ = single
     task = embedded[0]
