@@ -41,8 +41,8 @@ def encoder_fingerprint(encoder: Any) -> str:
     for m in modules:
         for name, tensor in m.state_dict().items():
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                     if tensor.numel() else b"")
+            # reshape(-1): 0-dim tensors (e.g. CLIP's logit_scale) cannot be viewed as bytes.
+            h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -47,6 +47,8 @@ def test_content_id_depends_on_what_is_embedded():
 
 def test_fingerprint_changes_with_weights():
     model = torch.nn.Linear(3, 2)
+    model.register_buffer("scale", torch.tensor(2.0))  # 0-dim, like CLIP's logit_scale
+    model.register_buffer("empty", torch.zeros(0))
     before = encoder_fingerprint(model)
     with torch.no_grad():
         model.weight[0, 0] += 1
