@@ -1,7 +1,8 @@
 """`genius demo`: the whole GENIUS pipeline on Fashion-MNIST, on this machine's CPUs.
 
     shards    Fashion-MNIST (Debian package dataset-fashion-mnist) -> WebDataset shards
-    stage 1   align the small image tower to the locked MiniLM text tower (LiT-style)
+    stage 1   align the small image tower to the locked MiniLM text tower (LiT-style), and
+              the fusion module on the tasks' training pairs with an image-text side
     tasks     text->image, image->text, text->(image,text), image->image, composed
               (image,text)->image, and one universal pool mixing all candidate modalities
     stages 2+3  one universal quantizer and decoder trained on every task's pairs (the
@@ -41,9 +42,15 @@ def shards(out: Path, source: str | None) -> Path:
     return folder
 
 
-def stage1_encoder(out: Path, records: list, steps: int, threads_note: str):
-    from genius.encoder_training import EncoderTrainConfig, PairExample, train_encoder, zero_shot_accuracy
+def stage1_encoder(out: Path, records: list, tasks: list, steps: int, threads_note: str):
+    """Align the image tower to the locked text tower on the training split's captions, and
+    the fusion module on the tasks' training pairs with an image-text side (composed
+    queries, text -> (image, text)); reused from `out` when present."""
+    import random
+
+    from genius.encoder_training import EncoderTrainConfig, PairExample, task_examples, train_encoder, zero_shot_accuracy
     from genius.encoders import EncoderConfig, MultimodalEncoder
+    from genius.modality import Modality
 
     folder = out / "encoder"
     if (folder / "encoder_config.json").exists():
@@ -52,8 +59,16 @@ def stage1_encoder(out: Path, records: list, steps: int, threads_note: str):
     encoder = MultimodalEncoder.from_config(EncoderConfig())
     train = [r for r in records if r.meta.get("split") == "train"]
     pairs = [PairExample.caption(r.image, r.text, r.key) for r in train]
-    config = EncoderTrainConfig(epochs=1, max_steps=steps, batch_size=256, checkpoint_every_steps=100)
-    log.info("stage 1: %d steps of LiT-style alignment on %d training images (%s)", steps, len(pairs), threads_note)
+    fusion = [ex for t in tasks if Modality.IMAGE_TEXT in (t.query_modality, t.candidate_modality)
+              for ex in task_examples(t)]
+    if fusion:
+        # Repeated so that about a quarter of the examples train the fusion module.
+        pairs += fusion * max(1, len(pairs) // (3 * len(fusion)))
+        random.Random(0).shuffle(pairs)
+    config = EncoderTrainConfig(epochs=1, max_steps=steps, batch_size=256, checkpoint_every_steps=100,
+                                train_fusion=bool(fusion))
+    log.info("stage 1: %d steps of LiT-style alignment on %d training images and %d fusion pairs (%s)", steps,
+             len(train), len(fusion), threads_note)
     train_encoder(encoder, pairs, config, checkpoint_dir=out / "stage1-checkpoints")
     test = [r for r in records if r.meta.get("split") == "test"][:2000]
     names = sorted({(r.meta["label"], r.meta["class_name"]) for r in records})
@@ -83,9 +98,10 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     records = list(ShardReader(shards(out, args.source), check_images="none"))
     log.info("read %d records", len(records))
-    encoder, zero_shot = stage1_encoder(out, records, args.stage1_steps, f"{torch.get_num_threads()} torch threads")
     tasks = build_tasks("fashion-mnist", records, tasks=list(TASKS), max_candidates=args.candidates,
                         max_queries=args.queries, seed=args.seed)
+    encoder, zero_shot = stage1_encoder(out, records, tasks, args.stage1_steps,
+                                        f"{torch.get_num_threads()} torch threads")
     def index_config(num_items: int) -> IndexConfig:
         config = IndexConfig.for_corpus(num_items)
         config.quantizer = replace(config.quantizer, epochs=args.quantizer_epochs)

@@ -160,6 +160,25 @@ def as_example(obj: Any) -> PairExample:
     raise TypeError(f"cannot use a {type(obj).__name__} as a training example")
 
 
+def task_examples(task: Any) -> list[PairExample]:
+    """A retrieval task's training pairs (`genius.tasks.RetrievalTask`) as stage-1 examples:
+    each side keeps the image and/or text its items carry. Pairs with an image-text side
+    train the fusion module (composed queries, text -> (image, text) targets)."""
+
+    def side(items: Any, i: int) -> tuple[Any, Any]:
+        image = items.images[i] if items.images is not None else None
+        text = items.texts[i] if items.texts is not None else None
+        return image, text
+
+    out = []
+    for q, t in enumerate(task.train_targets):
+        qi, qt = side(task.train_queries, q)
+        ti, tt = side(task.train_candidates, int(t))
+        key = task.train_queries.keys[q] if task.train_queries.keys is not None else None
+        out.append(PairExample(query_image=qi, query_text=qt, target_image=ti, target_text=tt, key=key))
+    return out
+
+
 @dataclass
 class PairBatch:
     """A decoded batch. Each side of example b is given by an index into `pixels`

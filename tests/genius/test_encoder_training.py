@@ -363,3 +363,19 @@ def test_train_encoder_command(shapes, tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         args = parser.parse_args(["train", "encoder", "--shards", str(tmp_path / "none-*.tar"), "--out", str(out)])
         args.run(args)
+
+
+def test_task_examples_carry_each_side_of_the_training_pairs() -> None:
+    from genius.encoder_training import task_examples
+    from genius.tasks import labelled_image_tasks
+    from tests.genius.test_tasks import shape_records
+
+    composed, t2it = labelled_image_tasks(shape_records(120), corpus="shapes",
+                                          tasks=["image_text->image", "text->image_text"],
+                                          max_candidates=30, max_queries=10, max_train=60, seed=0)
+    examples = task_examples(composed)
+    assert len(examples) == len(composed.train_targets) > 0
+    assert all(e.query_kind == "image_text" and e.target_kind == "image" for e in examples)
+    first = composed.train_candidates.images[int(composed.train_targets[0])]
+    assert examples[0].target_image is first and examples[0].query_text == composed.train_queries.texts[0]
+    assert all(e.query_kind == "text" and e.target_kind == "image_text" for e in task_examples(t2it))
