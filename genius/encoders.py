@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -460,8 +460,12 @@ class MultimodalEncoder(nn.Module):
         for start in range(0, n, self.cfg.batch_size):
             yield start, min(n, start + self.cfg.batch_size)
 
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(0, self.embed_dim, dtype=torch.float32)
+    def _encode_batched(self, n: int, embed: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """embed(a, b) over rows [a, b) one batch at a time, without gradients, on the CPU."""
+        if n == 0:
+            return torch.empty(0, self.embed_dim, dtype=torch.float32)
+        with self._inference():
+            return torch.cat([embed(a, b).cpu() for a, b in self._spans(n)])
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) float32 L2-normalised text embeddings on the CPU; no gradients."""
@@ -469,26 +473,15 @@ class MultimodalEncoder(nn.Module):
             raise InvalidInputError(None, "texts must be a list of str, got a single str")
         for i, t in enumerate(texts):  # fail before any work, naming the first bad record
             validate_text(t, i)
-        if len(texts) == 0:
-            return self._empty()
-        out = []
-        with self._inference():
-            for a, b in self._spans(len(texts)):
-                out.append(self.embed_text(self.tokenize(texts[a:b], offset=a)).cpu())
-        return torch.cat(out)
+        return self._encode_batched(len(texts), lambda a, b: self.embed_text(self.tokenize(texts[a:b], offset=a)))
 
     def encode_image(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(N, D) float32 L2-normalised image embeddings on the CPU; no gradients.
         Images are decoded one batch at a time, so memory stays bounded."""
         if isinstance(images, (Image.Image, bytes, bytearray, memoryview)):
             raise InvalidInputError(None, "images must be a list, got a single image")
-        if len(images) == 0:
-            return self._empty()
-        out = []
-        with self._inference():
-            for a, b in self._spans(len(images)):
-                out.append(self.embed_image(self.preprocess_images(images[a:b], offset=a)).cpu())
-        return torch.cat(out)
+        return self._encode_batched(
+            len(images), lambda a, b: self.embed_image(self.preprocess_images(images[a:b], offset=a)))
 
     def encode_pair(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
         """(N, D) float32 L2-normalised fused embeddings of (images[i], texts[i])."""
@@ -498,15 +491,9 @@ class MultimodalEncoder(nn.Module):
             raise InvalidInputError(None, f"{len(images)} images but {len(texts)} texts in pairs")
         for i, t in enumerate(texts):
             validate_text(t, i)
-        if len(texts) == 0:
-            return self._empty()
-        out = []
-        with self._inference():
-            for a, b in self._spans(len(texts)):
-                x = self.embed_image(self.preprocess_images(images[a:b], offset=a))
-                y = self.embed_text(self.tokenize(texts[a:b], offset=a))
-                out.append(self.fusion(x, y).cpu())
-        return torch.cat(out)
+        return self._encode_batched(len(texts), lambda a, b: self.fusion(
+            self.embed_image(self.preprocess_images(images[a:b], offset=a)),
+            self.embed_text(self.tokenize(texts[a:b], offset=a))))
 
     def encode(
         self,
