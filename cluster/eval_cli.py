@@ -71,6 +71,10 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="torch intra-op threads (default: 1, fastest for these small models on a shared CPU)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--progress", action="store_true", help="progress bars for training")
+    p.add_argument("--split-out", metavar="FILE",
+                   help="write the record keys of the split (JSON: held_out = test pools and queries, train) "
+                        "for `genius train encoder --exclude-keys FILE`")
+    p.add_argument("--split-only", action="store_true", help="stop after writing --split-out")
     p.add_argument("--out", help="output folder (default: bench/results/eval-<corpus-kind>)")
     p.set_defaults(run=run_eval)
     return p
@@ -122,6 +126,19 @@ def run_eval(args: argparse.Namespace) -> int:
         options["max_per_title"] = args.max_per_title or None
     tasks = build_tasks(args.corpus_kind, records, **options)
     del records
+    if args.split_out:
+        from genius.atomic import write_json_atomic
+        from genius.tasks import split_record_keys
+
+        split = split_record_keys(tasks)
+        Path(args.split_out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.split_out, {"corpus_kind": args.corpus_kind, "options": options, **split})
+        log.info("wrote the split to %s: %d held-out records, %d training records", args.split_out,
+                 len(split["held_out"]), len(split["train"]))
+    if args.split_only:
+        if not args.split_out:
+            raise ValueError("--split-only needs --split-out FILE")
+        return 0
     for t in tasks:
         s = t.summary()
         log.info("task %s: pool %d, %d test queries, %d training pairs, chance R@10 %.3f",

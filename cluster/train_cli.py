@@ -92,18 +92,26 @@ class ShardPairs:
     records, from the shards' manifest or a scan of the tar headers.
     """
 
-    def __init__(self, paths: list[Path], *, shuffle: bool = True, buffer: int = 1000, seed: int = 0) -> None:
+    def __init__(self, paths: list[Path], *, shuffle: bool = True, buffer: int = 1000, seed: int = 0,
+                 exclude: frozenset[str] = frozenset()) -> None:
         from genius.data.shards import ReadStats
 
         self.paths = list(paths)
         self.shuffle = shuffle
         self.buffer = buffer
         self.seed = seed
+        self.exclude = frozenset(exclude)
         self.epoch = 0
         self.stats = ReadStats()
         self.not_pairs = 0  # records with only an image or only a text
-        counts = [_manifest_pairs(p) for p in self.paths]
-        self._len = sum(c if c is not None else _scan_pairs(p) for c, p in zip(counts, self.paths))
+        self.excluded = 0  # records left out by key (held-out evaluation records)
+        if self.exclude:
+            # Which keys are present is only known by reading the records (without decoding).
+            self._len = sum(1 for _ in self._records(self.paths))
+            self.stats, self.not_pairs = ReadStats(), 0
+        else:
+            counts = [_manifest_pairs(p) for p in self.paths]
+            self._len = sum(c if c is not None else _scan_pairs(p) for c, p in zip(counts, self.paths))
 
     def __len__(self) -> int:
         return self._len
@@ -116,7 +124,11 @@ class ShardPairs:
 
         # Images are decoded (and bad ones skipped and counted) by the training collate.
         reader = ShardReader(paths, check_images="none", stats=self.stats)
+        self.excluded = 0
         for record in reader:
+            if record.key in self.exclude:
+                self.excluded += 1
+                continue
             if record.image is None or record.text is None:
                 self.not_pairs += 1
                 continue
@@ -144,6 +156,20 @@ class ShardPairs:
         yield from pool
 
 
+def read_key_list(path: str) -> frozenset[str]:
+    """Record keys to leave out: a JSON file with a "held_out" list (`genius eval --split-out`)
+    or a JSON list, or a text file with one key per line."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return frozenset(line.strip() for line in text.splitlines() if line.strip())
+    keys = data.get("held_out") if isinstance(data, dict) else data
+    if not isinstance(keys, list):
+        raise ValueError(f"{path}: expected a JSON list of keys or an object with a 'held_out' list")
+    return frozenset(str(k) for k in keys)
+
+
 def _train_encoder(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -162,8 +188,11 @@ def _train_encoder(args: argparse.Namespace) -> int:
     if (checkpoints / CHECKPOINT_FILE).exists() and not args.resume:
         raise ValueError(f"{checkpoints / CHECKPOINT_FILE} exists: pass --resume to continue that run, "
                          "or choose another --out")
-    data = ShardPairs(paths, shuffle=not args.no_shuffle, buffer=args.shuffle_buffer, seed=args.seed)
-    log.info("%d shards, %d image-text pairs", len(paths), len(data))
+    exclude = read_key_list(args.exclude_keys) if args.exclude_keys else frozenset()
+    data = ShardPairs(paths, shuffle=not args.no_shuffle, buffer=args.shuffle_buffer, seed=args.seed,
+                      exclude=exclude)
+    log.info("%d shards, %d image-text pairs%s", len(paths), len(data),
+             f" ({data.excluded} records left out by --exclude-keys)" if exclude else "")
     if len(data) == 0:
         raise ValueError(f"{args.shards}: no image-text records to train on")
 
@@ -196,6 +225,8 @@ def _train_encoder(args: argparse.Namespace) -> int:
         "shards": [str(p) for p in paths],
         "read": data.stats.as_dict(),
         "records_without_pair": data.not_pairs,
+        "excluded_records": data.excluded,
+        "exclude_keys": args.exclude_keys,
     }, indent=2) + "\n")
     skipped = sum(h["skipped"] for h in history)
     last = history[-1] if history else {}
@@ -236,6 +267,9 @@ def add_train_commands(subparsers: Any) -> None:
                       help="keep the text tower frozen (default for the offline model)")
     p.add_argument("--no-shuffle", action="store_true", help="read the shards in order, unshuffled")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="shuffle buffer size (default: 1000)")
+    p.add_argument("--exclude-keys", metavar="FILE",
+                   help="leave out these records: `genius eval --split-out` JSON (its held_out list), a JSON "
+                        "list, or one key per line; keeps evaluation records unseen by stage 1")
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling and training (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int,

@@ -70,6 +70,23 @@ def item_key(record_key: str, modality: Modality, suffix: str | None = None) -> 
     return f"{key}/{suffix}" if suffix else key
 
 
+def record_key(key: str) -> str:
+    """The record an item key (`item_key`) was made from (record keys hold no '/')."""
+    return key.split("/", 1)[0]
+
+
+def split_record_keys(tasks: Sequence["RetrievalTask"]) -> dict[str, list[str]]:
+    """Record keys by role over all tasks: "held_out" (in a test pool or a test query) and
+    "train" (in a training pair). Stage 1 trained without the held-out records keeps the
+    test split unseen by every stage (`genius train encoder --exclude-keys`)."""
+    held, train = set(), set()
+    for t in tasks:
+        for items, into in ((t.candidates, held), (t.test_queries, held), (t.train_queries, train),
+                            (t.train_candidates, train)):
+            into.update(record_key(k) for k in items.keys or [])
+    return {"held_out": sorted(held), "train": sorted(train - held)}
+
+
 def normalise_title(title: str) -> str:
     """Case-folded, whitespace-collapsed title (the "same title" relevance key)."""
     return re.sub(r"\s+", " ", str(title)).strip().casefold()

@@ -364,6 +364,18 @@ def test_train_encoder_command(shapes, tmp_path) -> None:
         args = parser.parse_args(["train", "encoder", "--shards", str(tmp_path / "none-*.tar"), "--out", str(out)])
         args.run(args)
 
+    # --exclude-keys: held-out records (`genius eval --split-out` JSON) are never trained on.
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"held_out": [f"s0-{i:03d}" for i in range(8)] + ["s1-bad"], "train": []}))
+    out2 = tmp_path / "enc2"
+    args = parser.parse_args(argv[:5] + [str(out2)] + argv[6:] + ["--exclude-keys", str(split)])
+    assert args.run(args) == 0
+    record = json.loads((out2 / "train_history.json").read_text())
+    assert record["excluded_records"] == 9
+    # 33 records left (32 good, 1 broken PNG) in 5 full batches of 6 (the ragged tail is dropped)
+    assert [h["steps"] for h in record["history"]] == [5, 5]
+    assert all(29 <= h["images"] <= 30 for h in record["history"])
+
 
 def test_task_examples_carry_each_side_of_the_training_pairs() -> None:
     from genius.encoder_training import task_examples

@@ -281,3 +281,13 @@ def test_eval_cli_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     assert "tone/texture" in data["tasks"][0]["relevance_rule"]
     assert "| GENIUS+R | universal | universal | 4 |" in (out / "eval.md").read_text()
     assert (out / "beam.png").stat().st_size > 1000
+
+    # --split-out/--split-only: the record keys of the split, and nothing fitted.
+    split_file = tmp_path / "split.json"
+    rc = eval_cli.main(["--shards", str(tmp_path / "shards"), "--corpus-kind", "fashion-mnist",
+                        "--tasks", "text->image", "--max-candidates", "40", "--max-queries", "10",
+                        "--split-out", str(split_file), "--split-only", "--out", str(tmp_path / "none")])
+    split = json.loads(split_file.read_text())
+    assert rc == 0 and not (tmp_path / "none").exists()
+    assert len(split["held_out"]) >= 40 and split["train"] and not set(split["held_out"]) & set(split["train"])
+    assert all("/" not in k for k in split["held_out"])
