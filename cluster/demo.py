@@ -2,7 +2,8 @@
 
     shards    Fashion-MNIST (Debian package dataset-fashion-mnist) -> WebDataset shards
     stage 1   align the small image tower to the locked MiniLM text tower (LiT-style), and
-              the fusion module on the tasks' training pairs with an image-text side
+              the fusion module on the training pairs with an image-text side (composed
+              queries, (image, instruction) queries, (image, text) targets)
     tasks     text->image, image->text, text->(image,text), image->image, composed
               (image,text)->image, and one universal pool mixing all candidate modalities
     stages 2+3  one universal quantizer and decoder trained on every task's pairs (the
@@ -44,13 +45,14 @@ def shards(out: Path, source: str | None) -> Path:
 
 def stage1_encoder(out: Path, records: list, tasks: list, steps: int, threads_note: str):
     """Align the image tower to the locked text tower on the training split's captions, and
-    the fusion module on the tasks' training pairs with an image-text side (composed
-    queries, text -> (image, text)); reused from `out` when present."""
+    the fusion module on the (instructed) training pairs with an image-text side (composed
+    queries, text -> (image, text), (image, instruction) queries); reused from `out`."""
     import random
 
     from genius.encoder_training import EncoderTrainConfig, PairExample, task_examples, train_encoder, zero_shot_accuracy
     from genius.encoders import EncoderConfig, MultimodalEncoder
     from genius.modality import Modality
+    from genius.tasks import universal_pool
 
     folder = out / "encoder"
     if (folder / "encoder_config.json").exists():
@@ -59,7 +61,10 @@ def stage1_encoder(out: Path, records: list, tasks: list, steps: int, threads_no
     encoder = MultimodalEncoder.from_config(EncoderConfig())
     train = [r for r in records if r.meta.get("split") == "train"]
     pairs = [PairExample.caption(r.image, r.text, r.key) for r in train]
-    fusion = [ex for t in tasks if Modality.IMAGE_TEXT in (t.query_modality, t.candidate_modality)
+    # The universal model's queries carry instructions, and an instructed image query is an
+    # (image, instruction) pair: the fusion must learn those too, not only composed queries.
+    views = universal_pool(tasks, instructions=True).tasks
+    fusion = [ex for t in views if Modality.IMAGE_TEXT in (t.query_modality, t.candidate_modality)
               for ex in task_examples(t)]
     if fusion:
         # Repeated so that about a quarter of the examples train the fusion module.
@@ -141,13 +146,13 @@ def _examples(report, tasks, records, encoder, count: int) -> None:
         queries = view.test_queries.subset(range(min(count, len(view.test_queries))))
         # The kept pool index was fitted on embeddings: embed the queries with the demo's encoder.
         hits = index.search(embed_items(queries, encoder), k=3, beam_size=20)
-        print(f"\nexample {name.split('/')[1]} queries over the universal pool (class/modality of each hit):")
+        print(f"\nexample {name.split('/')[1]} queries over the universal pool (class and modality of each hit):")
         for q, keys in enumerate(hits.keys):
             query = (queries.texts[q] if queries.texts is not None else None) or ""
             if queries.images is not None and queries.images[q] is not None:
                 query = f"<image of a {class_of.get(queries.keys[q].split('/')[0], '?')}> {query}".strip()
             # Candidate keys are "<record key>/<view>": the record says the class, the view the modality.
-            shown = [f"{class_of.get(k.split('/')[0], k)}/{k.split('/')[-1]}" for k in keys]
+            shown = [f"{class_of.get(k.split('/')[0], k)} ({k.split('/')[-1]})" for k in keys]
             print(f"  {query!r} -> {', '.join(shown)}")
 
 
