@@ -64,6 +64,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--no-per-task", action="store_true", help="skip the per-task indexes (needs --universal)")
     p.add_argument("--size", choices=["cpu", "paper"], default="cpu",
                    help="cpu: codebooks sized to each corpus and a small decoder (default); paper: 8 x 4096, t5-small")
+    p.add_argument("--decoder", choices=["small", "medium", "paper"],
+                   help="decoder shape (default: from --size; small: 2 layers d=128, medium: 4 layers d=256, "
+                        "paper: t5-small)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs (default: from --size)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs (default: from --size)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
@@ -81,10 +84,13 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def _index_config(args: argparse.Namespace):
+    from genius.decoder import DecoderConfig
     from genius.index import IndexConfig
 
     def make(num_items: int) -> IndexConfig:
         cfg = IndexConfig.paper() if args.size == "paper" else IndexConfig.for_corpus(num_items)
+        if args.decoder is not None:
+            cfg.decoder = DecoderConfig.named(args.decoder)
         if args.quantizer_epochs is not None:
             cfg.quantizer = replace(cfg.quantizer, epochs=args.quantizer_epochs)
         if args.decoder_epochs is not None:

@@ -48,6 +48,20 @@ class DecoderConfig:
         """A CPU-sized decoder that trains in minutes on small corpora."""
         return cls(d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=512, prefix_len=4, dropout=0.1)
 
+    @classmethod
+    def medium(cls) -> "DecoderConfig":
+        """Between small and t5-small (~4x small's cost per step): for larger CPU corpora
+        with fine-grained targets (instance-level retrieval)."""
+        return cls(d_model=256, num_layers=4, num_heads=4, d_kv=64, d_ff=1024, prefix_len=8, dropout=0.1)
+
+    @classmethod
+    def named(cls, name: str) -> "DecoderConfig":
+        """'small', 'medium' or 'paper' (t5-small)."""
+        sizes = {"small": cls.small, "medium": cls.medium, "paper": cls}
+        if name not in sizes:
+            raise ValueError(f"unknown decoder size {name!r}: choose from {sorted(sizes)}")
+        return sizes[name]()
+
 
 def level_token_offset(level: int, codebook_size: int) -> int:
     """First token id of step `level` (0 = modality, l >= 1 = semantic level l)."""

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -55,3 +56,12 @@ def test_token_embeddings_start_from_the_codebooks():
     sim_codes = torch.cosine_similarity(a, b, dim=0)
     sim_tokens = torch.cosine_similarity(emb[0, 0], emb[0, 1], dim=0)
     assert abs(float(sim_codes - sim_tokens)) < 0.05
+
+
+def test_named_sizes():
+    assert DecoderConfig.named("paper") == DecoderConfig()
+    assert DecoderConfig.named("small") == DecoderConfig.small()
+    medium = DecoderConfig.named("medium")
+    assert DecoderConfig.small().d_model < medium.d_model < DecoderConfig().d_model
+    with pytest.raises(ValueError, match="unknown decoder size"):
+        DecoderConfig.named("huge")
