@@ -39,10 +39,13 @@ def _fit(args: argparse.Namespace) -> int:
         row, key = missing[0]
         raise TableError(args.queries, row, f"target {key!r} is not a key of {args.corpus} ({len(missing)} such rows)")
     targets = np.array([position[t] for t in queries.targets])
-    config = IndexConfig.paper() if args.size == "paper" else IndexConfig.for_corpus(len(corpus))
     overrides = {k: v for k, v in (("num_levels", args.levels), ("codebook_size", args.codebook_size),
                                    ("epochs", args.quantizer_epochs)) if v is not None}
-    config.quantizer = replace(config.quantizer, **overrides)
+    if args.size == "paper":
+        config = IndexConfig.paper()
+        config.quantizer = replace(config.quantizer, **overrides)
+    else:  # K and L given here also size the dead-code threshold (QuantizerConfig.for_corpus)
+        config = IndexConfig.for_corpus(len(corpus), **overrides)
     if args.decoder_epochs is not None:
         config.decoder_training = replace(config.decoder_training, epochs=args.decoder_epochs)
     config.beam_size = args.beam

@@ -64,6 +64,8 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--no-per-task", action="store_true", help="skip the per-task indexes (needs --universal)")
     p.add_argument("--size", choices=["cpu", "paper"], default="cpu",
                    help="cpu: codebooks sized to each corpus and a small decoder (default); paper: 8 x 4096, t5-small")
+    p.add_argument("--levels", type=int, help="semantic levels L (default: from --size)")
+    p.add_argument("--codebook-size", type=int, help="codes per level K (default: from --size)")
     p.add_argument("--decoder", choices=["small", "medium", "paper"],
                    help="decoder shape (default: from --size; small: 2 layers d=128, medium: 4 layers d=256, "
                         "paper: t5-small)")
@@ -88,7 +90,12 @@ def _index_config(args: argparse.Namespace):
     from genius.index import IndexConfig
 
     def make(num_items: int) -> IndexConfig:
-        cfg = IndexConfig.paper() if args.size == "paper" else IndexConfig.for_corpus(num_items)
+        shape = {k: v for k, v in (("num_levels", args.levels), ("codebook_size", args.codebook_size)) if v}
+        if args.size == "paper":
+            cfg = IndexConfig.paper()
+            cfg.quantizer = replace(cfg.quantizer, **shape)
+        else:
+            cfg = IndexConfig.for_corpus(num_items, **shape)
         if args.decoder is not None:
             cfg.decoder = DecoderConfig.named(args.decoder)
         if args.quantizer_epochs is not None:

@@ -88,10 +88,12 @@ class QuantizerConfig:
         the paper's 8.
         """
         n = max(int(num_items), 2)
+        overrides = dict(overrides)
         k = 2 ** int(round(math.log2(math.sqrt(n))))
-        k = int(min(max(k, 4), 4096))
-        levels = int(min(8, max(2, math.ceil(math.log(n) / math.log(k)) + 2)))
-        batch = int(min(256, max(32, 2 ** int(math.log2(max(n // 8, 1))))))
+        # An explicit K, L or batch also sets what derives from it (levels, threshold, epochs).
+        k = int(overrides.pop("codebook_size", min(max(k, 4), 4096)))
+        levels = int(overrides.pop("num_levels", min(8, max(2, math.ceil(math.log(n) / math.log(k)) + 2))))
+        batch = int(overrides.pop("batch_size", min(256, max(32, 2 ** int(math.log2(max(n // 8, 1)))))))
         # Restart a code when it is used ~50x less than an average code (see the field).
         threshold = 0.02 * batch / k
         steps_per_epoch = max(1, math.ceil(n / batch))

@@ -369,3 +369,11 @@ def test_common_prefix_length_matches_definition(rows) -> None:
             n += 1
         expected.append(n)
     assert common_prefix_length(a, b).tolist() == expected
+
+
+def test_for_corpus_derives_threshold_and_levels_from_a_given_codebook_size() -> None:
+    auto = QuantizerConfig.for_corpus(20_000)
+    given = QuantizerConfig.for_corpus(20_000, codebook_size=32)
+    assert given.codebook_size == 32 and 32 ** given.num_levels >= 20_000 and auto.codebook_size != 32
+    assert given.dead_code_threshold == pytest.approx(0.02 * given.batch_size / 32)
+    assert QuantizerConfig.for_corpus(20_000, codebook_size=32, num_levels=6).num_levels == 6
