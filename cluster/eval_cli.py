@@ -118,6 +118,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.split_only and not args.split_out:
+        raise ValueError("--split-only needs --split-out FILE")
     if args.no_per_task and not args.universal:
         raise ValueError("--no-per-task needs --universal (nothing else would be fitted)")
     t0 = time.perf_counter()
@@ -149,8 +151,6 @@ def run_eval(args: argparse.Namespace) -> int:
         log.info("wrote the split to %s: %d held-out records, %d training records", args.split_out,
                  len(split["held_out"]), len(split["train"]))
     if args.split_only:
-        if not args.split_out:
-            raise ValueError("--split-only needs --split-out FILE")
         return 0
     for t in tasks:
         s = t.summary()
