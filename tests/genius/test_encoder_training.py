@@ -391,3 +391,17 @@ def test_task_examples_carry_each_side_of_the_training_pairs() -> None:
     first = composed.train_candidates.images[int(composed.train_targets[0])]
     assert examples[0].target_image is first and examples[0].query_text == composed.train_queries.texts[0]
     assert all(e.query_kind == "text" and e.target_kind == "image_text" for e in task_examples(t2it))
+
+
+def test_read_key_list_formats(tmp_path) -> None:
+    from cluster.train_cli import read_key_list
+
+    (tmp_path / "a.json").write_text(json.dumps({"held_out": ["k1", "k2"], "train": ["k3"]}))
+    (tmp_path / "b.json").write_text(json.dumps(["k1", 7]))
+    (tmp_path / "c.txt").write_text("k1\n\n k2 \n")
+    (tmp_path / "d.json").write_text(json.dumps({"keys": ["k1"]}))
+    assert read_key_list(str(tmp_path / "a.json")) == {"k1", "k2"}
+    assert read_key_list(str(tmp_path / "b.json")) == {"k1", "7"}
+    assert read_key_list(str(tmp_path / "c.txt")) == {"k1", "k2"}
+    with pytest.raises(ValueError, match="held_out"):
+        read_key_list(str(tmp_path / "d.json"))
