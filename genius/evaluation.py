@@ -102,11 +102,12 @@ def embed_tasks(
                     text = items.texts[i] if items.texts is not None else None
                     image = items.images[i] if items.images is not None else None
                     pending[m][key] = (image, text)
+    ids: dict[str, str] = {}  # key -> content id, hashed once (images can be large)
     if cache is not None:
         for m, rows in pending.items():
-            ids = {k: content_id(m, *rows[k]) for k in rows}
-            for k, cid in ids.items():
-                vec = cache.get(cid)
+            ids.update((k, content_id(m, *rows[k])) for k in rows)
+            for k in rows:
+                vec = cache.get(ids[k])
                 if vec is not None:
                     by_key[k] = vec
             pending[m] = {k: v for k, v in rows.items() if k not in by_key}
@@ -121,8 +122,8 @@ def embed_tasks(
                 vecs = _encode(encoder, m, list(rows.values()), log_every)
                 by_key.update(zip(rows, vecs))
                 if cache is not None:
-                    for (k, (image, text)), vec in zip(rows.items(), vecs):
-                        cache.put(content_id(m, image, text), vec)
+                    for k, vec in zip(rows, vecs):
+                        cache.put(ids[k], vec)
         seconds = time.perf_counter() - t0
         log.info("embedded %d items in %.1f s", todo, seconds)
     if cache is not None:
