@@ -217,7 +217,10 @@ def convert_table(
     path = Path(source)
     if not path.is_file():
         raise MissingSourceError(f"table not found: {path}; pass --source PATH to a .parquet, .csv or .tsv file")
-    table = read_table(path)
+    # Keys, captions and image paths are user data: read them verbatim (a caption "None" or a
+    # key "007" stays what it is), whatever pyarrow would infer from a CSV.
+    named = [c for c in (key_column, text_column, image_column) if c]
+    table = read_table(path, string_columns=(*KEY_COLUMNS, *TEXT_COLUMNS, *IMAGE_COLUMNS, *named))
     columns = table.column_names
     image_col = _pick(columns, image_column, IMAGE_COLUMNS, "image", path)
     text_col = _pick(columns, text_column, TEXT_COLUMNS, "text", path)
@@ -280,6 +283,8 @@ def _table_record(path: Path, row: int, values: dict[str, Any], image_col: str |
     if image is None and text is None:
         raise _Bad("no_content", "row has neither an image nor a text")
     raw_key = values.get(key_col) if key_col else None
+    if raw_key == "":
+        raw_key = None  # an empty key cell: the row number names the record
     key = make_key(str(raw_key)) if raw_key is not None else f"row-{row:09d}"
     for col in meta_cols:  # bytes cannot go into JSON; everything else can (default=str)
         if not isinstance(values[col], (bytes, bytearray)):

@@ -105,3 +105,13 @@ def test_table_errors_name_the_file(tmp_path):
         generic.convert_table(tmp_path / "out", tmp_path / "absent.csv")
     with pytest.raises(MissingSourceError, match="--source PATH"):
         generic.convert_folder(tmp_path / "out", tmp_path / "absent")
+
+
+def test_table_keys_and_captions_are_read_verbatim(tmp_path):
+    """A caption spelt "None" or "nan" is text, and a key "007" stays "007" (CSV infers neither)."""
+    csv = tmp_path / "t.csv"
+    csv.write_text("key,text\n007,None\nNA,nan\n,null\n", encoding="utf-8")
+    generic.convert_table(tmp_path / "out", csv)
+    records = sorted(iter_shards(tmp_path / "out"), key=lambda r: r.meta["row"])
+    assert [r.text for r in records] == ["None", "nan", "null"]
+    assert [r.meta.get("source_key") for r in records] == ["007", "NA", None]
