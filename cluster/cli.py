@@ -3,7 +3,8 @@
     genius demo                      the whole pipeline on Fashion-MNIST (or --corpus captions)
     genius fit    --corpus C --queries Q --out DIR
     genius search --index DIR --text "a red bicycle"
-    genius info   --index DIR
+    genius info   INDEX
+    genius index  verify|versions|add|delete|compact|gc INDEX ...
     genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
     genius train  encoder --shards DIR --out DIR   stage 1: align the encoders
     genius eval   --shards DIR --corpus-kind fashion-mnist|openclipart|wordnet
@@ -13,7 +14,6 @@ Every subcommand has --help.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import replace
@@ -31,9 +31,11 @@ def _fit(args: argparse.Namespace) -> int:
 
     corpus = read_items(args.corpus).items
     queries = read_items(args.queries, require_target=True)
-    position = {key: i for i, key in enumerate(corpus.keys)}
-    if len(position) != len(corpus):
-        raise TableError(args.corpus, None, "keys are not unique")
+    position: dict[str, int] = {}
+    for row, key in enumerate(corpus.keys):
+        if key in position:
+            raise TableError(args.corpus, row, f"key {key!r} repeats row {position[key]}: keys must be unique")
+        position[key] = row
     missing = [(row, t) for row, t in enumerate(queries.targets) if t not in position]
     if missing:
         row, key = missing[0]
@@ -82,39 +84,34 @@ def _search(args: argparse.Namespace) -> int:
     result = index.search(queries, k=args.k, beam_size=args.beam, rerank=not args.no_rerank,
                           target_modalities=args.modality or None, rerank_with=args.rerank_with)
     if args.out:
-        rows = [(q, rank, key, int(item), float(score))
-                for q, (items, scores, keys) in enumerate(zip(result.items, result.scores, result.keys))
-                for rank, (item, score, key) in enumerate(zip(items, scores, keys))]
+        rows = [(q, rank, key, int(item), float(score), modality.name.lower())
+                for q, (items, scores, keys, modalities) in enumerate(
+                    zip(result.items, result.scores, result.keys, result.modalities))
+                for rank, (item, score, key, modality) in enumerate(zip(items, scores, keys, modalities))]
         table = pa.table({
             "query": pa.array([r[0] for r in rows], pa.int64()),
             "rank": pa.array([r[1] for r in rows], pa.int32()),
             "key": pa.array([r[2] for r in rows], pa.string()),
             "item": pa.array([r[3] for r in rows], pa.int64()),
             "score": pa.array([r[4] for r in rows], pa.float64()),
+            "modality": pa.array([r[5] for r in rows], pa.string()),
         })
         pq.write_table(table, args.out)
         log.info("%d results for %d queries written to %s", len(rows), len(result.items), args.out)
     else:
-        for q, (keys, scores) in enumerate(zip(result.keys, result.scores)):
+        for q, (keys, scores, modalities) in enumerate(zip(result.keys, result.scores, result.modalities)):
             print(f"query {q}:")
-            for rank, (key, score) in enumerate(zip(keys, scores)):
-                print(f"  {rank + 1:3d}. {key}  {score:.4f}")
+            for rank, (key, score, modality) in enumerate(zip(keys, scores, modalities)):
+                print(f"  {rank + 1:3d}. {key}  [{modality.name.lower()}]  {score:.4f}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    meta_path = Path(args.index) / "index.json"
-    if not meta_path.exists():
-        raise SystemExit(f"genius info: {args.index} holds no complete index (no index.json)")
-    meta = json.loads(meta_path.read_text())
-    trie = json.loads((Path(args.index) / "trie" / "trie.json").read_text())
-    q = meta["config"]["quantizer"]
-    print(f"items: {meta['num_items']}   embedding dim: {meta['embed_dim']}")
-    print(f"IDs: {q['num_levels']} levels x {q['codebook_size']} codes = {trie['width']} bytes")
-    for p in trie["partitions"]:
-        print(f"  partition {p['modality']:10s} first codes [{p['code_lo']}, {p['code_hi']}): {p['count']} items")
-    print(f"encoder stored: {meta['has_encoder']}   vectors stored: {meta['has_vectors']}")
-    return 0
+    from cluster.index_cli import info
+
+    if not (args.index_path or args.index):
+        raise ValueError("genius info: give the index folder (genius info INDEX)")
+    return info(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -128,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster import demo
     from cluster.data_cli import add_data_commands
     from cluster.eval_cli import add_eval_commands
+    from cluster.index_cli import add_index_commands
     from cluster.train_cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
@@ -167,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="query text")
     p.add_argument("--image", help="query image file (with --text: an image-text query)")
     p.add_argument("--queries", help="table of queries (.parquet/.csv) instead of --text/--image")
-    p.add_argument("--out", help="write results to this Parquet file (query, rank, key, item, score)")
+    p.add_argument("--out", help="write results to this Parquet file (query, rank, key, item, score, modality)")
     p.add_argument("-k", "--k", type=int, default=10, help="results per query (default: 10)")
     p.add_argument("--beam", type=int, help="beam size (default: the index's)")
     p.add_argument("--modality", action="append", choices=["image", "text", "image_text"],
@@ -178,10 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(run=_search)
 
-    p = sub.add_parser("info", help="describe an index folder")
-    p.add_argument("--index", required=True, help="index folder")
+    p = sub.add_parser("info", help="describe an index folder (its current version)")
+    p.add_argument("index_path", nargs="?", metavar="INDEX", help="index folder")
+    p.add_argument("--index", help="index folder (same as INDEX)")
+    p.add_argument("--json", action="store_true", help="print the manifest (without the file list) as JSON")
     p.set_defaults(run=_info)
 
+    add_index_commands(sub)
     add_data_commands(sub)
     add_train_commands(sub)
     add_eval_commands(sub)

@@ -52,7 +52,6 @@ from genius.metrics import exact_knn, recall_table
 from genius.modality import Modality
 from genius.rerank import rank
 from genius.tasks import RetrievalTask, UniversalPool, concat_items, universal_pool
-from genius.trie import Trie
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +204,9 @@ def restrict_index(index: GeniusIndex, rows: Sequence[int] | np.ndarray) -> Geni
     """The same model (quantizer, decoder) searching only `rows` of the index's items:
     a trie of their IDs; item numbers are positions in `rows`."""
     rows = np.asarray(rows, dtype=np.int64)
-    codes = index.item_codes[rows]
-    trie = Trie.build(index.codec, index.codec.pack(codes[:, 1:]), codes[:, 0],
-                      ranges_per_modality=index.config.ranges_per_modality)
-    vectors = None if index.item_vectors is None else np.asarray(index.item_vectors[rows])
-    return GeniusIndex(index.config, index.quantizer, index.decoder, trie, codes,
-                       [index.item_keys[i] for i in rows], vectors, index.encoder)
+    vectors = None if index.vectors is None else index.vectors[rows].astype(np.float32)
+    return GeniusIndex.from_codes(index.config, index.quantizer, index.decoder, index.item_codes(rows),
+                                  index.items.modality(rows), index.items.keys(rows), vectors, index.encoder)
 
 
 def _config_sizes(cfg: IndexConfig) -> dict[str, Any]:
@@ -252,13 +248,13 @@ def _fit(name: str, scope: str, task_name: str, ablation: str, pool: Items, trai
     index = GeniusIndex.fit(corpus, queries, np.asarray(train_targets) + len(pool), cfg, progress=progress)
     seconds = time.perf_counter() - t0
     pool_index = restrict_index(index, np.arange(len(pool)))
-    pool_codes = pool_index.item_codes
+    pool_codes = pool_index.item_codes(np.arange(len(pool)))
     distinct = len(np.unique(pool_codes, axis=0))
     record = {
         "name": name, "scope": scope, "task": task_name, "ablation": ablation,
         "items_indexed": len(corpus), "pool_items": len(pool), "train_pairs": int(len(train_targets)),
         "sizes": _config_sizes(cfg), "config": cfg.to_dict(), "fit_seconds": round(seconds, 2),
-        "code0_values": sorted(int(v) for v in np.unique(index.item_codes[:, 0])),
+        "code0_values": sorted(int(v) for v in np.unique(index.item_codes(np.arange(len(index)))[:, 0])),
         "pool_distinct_ids": distinct, "pool_items_per_id": round(len(pool) / max(distinct, 1), 3),
         "trie_bytes_per_item": round(float(pool_index.trie.bytes_per_item()), 2),
     }
@@ -293,8 +289,8 @@ def _search(index: GeniusIndex, query_emb: np.ndarray, beam: int, k: int,
     t0 = time.perf_counter()
     batch = index.config.query_batch
     device = index.config.device
-    vectors = lambda items: np.asarray(index.item_vectors[items], dtype=np.float32)  # noqa: E731
-    rebuild = lambda items: index.quantizer.decode(torch.from_numpy(index.item_codes[items])).cpu().numpy()  # noqa: E731
+    vectors = lambda items: index.vectors[items].astype(np.float32)  # noqa: E731
+    rebuild = lambda items: index.quantizer.decode(torch.from_numpy(index.item_codes(items))).cpu().numpy()  # noqa: E731
     with torch.no_grad():
         for start in range(0, len(query_emb), batch):
             chunk = query_emb[start : start + batch]

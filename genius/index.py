@@ -1,16 +1,18 @@
 """GeniusIndex: the whole GENIUS method behind one facade, in one process.
 
     index = GeniusIndex.fit(corpus, queries, targets, IndexConfig.for_corpus(len(corpus)))
-    index.save("my-index")
+    index.save("my-index")                      # publishes my-index/v-0 (format v2, genius.store)
     hits = GeniusIndex.load("my-index").search(new_queries, k=10)
 
 fit: embed (encoders) -> train the quantizer on query->target pairs -> IDs for every item
 -> trie -> train the decoder on query -> target ID (plus item -> own ID).
 search: embed queries -> trie-constrained beam search -> items -> optional re-ranking.
+A loaded index is memory-mapped: opening it reads no per-item data; keys, modalities and
+vectors are read for the beam's items only. add/delete/compact publish new versions
+(genius.store.update).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Collection, Sequence
@@ -18,24 +20,29 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from genius.atomic import write_atomic, write_json_atomic
 from genius.beam_search import beam_search, per_query_modalities
 from genius.decoder import DecoderConfig, GeniusDecoder
 from genius.decoder_training import DecoderTrainConfig, train_decoder
 from genius.idcodec import IdCodec
 from genius.items import Items
-from genius.modality import Modality
+from genius.modality import NUM_MODALITIES, Modality
 from genius.quantizer import ModalResidualQuantizer, QuantizerConfig, train_quantizer
 from genius.rerank import Ranking, rank
+from genius.store import data_files, update
+from genius.store.item_table import ItemTables, make_table
+from genius.store.layout import MODEL_DIR
+from genius.store.manifest import Manifest
+from genius.store.merge import MergeConfig, merge_id_tables
+from genius.store.model_files import load_model, save_model
+from genius.store.publish import VersionWriter
+from genius.store.reader import open_version
+from genius.store.vector_shards import VectorShards
 from genius.trie import Trie
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 RERANK_SOURCES = ("vectors", "codes")
 
 
@@ -48,6 +55,7 @@ class IndexConfig:
     ranges_per_modality: int = 1  # trie partitions per modality (by first semantic code)
     store_vectors: bool = True  # keep item embeddings (fp16) for re-ranking
     query_batch: int = 32  # queries decoded together
+    items_per_file: int = data_files.DEFAULT_ITEMS_PER_FILE  # rows per item table / vector shard file
     device: str = "cpu"
 
     @classmethod
@@ -84,38 +92,61 @@ class SearchResult:
     items: np.ndarray  # (Q, k) item numbers, -1 where fewer than k were found
     scores: np.ndarray  # (Q, k)
     keys: list[list[str]]  # the items' keys, per query
+    modalities: list[list[Modality]] = field(default_factory=list)  # the items' stored modalities
 
     def as_lists(self) -> list[list[int]]:
         return [[int(i) for i in row if i >= 0] for row in self.items]
 
 
 class GeniusIndex:
+    """Model (quantizer, decoder, optional encoder) plus data (trie, item tables, vectors).
+
+    `items` holds key, modality, ID, source and metadata by item number; `vectors` the fp16
+    re-ranking vectors (or None); `deleted` the sorted item numbers removed since the data
+    was built (search skips them). `path` is the version folder it was loaded from or saved to.
+    """
+
     def __init__(
         self,
         config: IndexConfig,
         quantizer: ModalResidualQuantizer,
         decoder: GeniusDecoder,
         trie: Trie,
-        item_codes: np.ndarray,
-        item_keys: list[str],
-        item_vectors: np.ndarray | None = None,
+        items: ItemTables,
+        vectors: VectorShards | None = None,
         encoder=None,
+        deleted: np.ndarray | None = None,
+        path: Path | None = None,
     ):
         self.config = config
         self.quantizer = quantizer.eval()
         self.decoder = decoder.eval()
         self.trie = trie
-        self.item_codes = item_codes  # (N, 1+L): modality, then semantic codes
-        self.item_keys = item_keys
-        self.item_vectors = item_vectors  # (N, D) fp16, or None
+        self.items = items
+        self.vectors = vectors
         self.encoder = encoder
+        self.deleted = np.zeros(0, dtype=np.int64) if deleted is None else np.asarray(deleted, dtype=np.int64)
+        self.path = path
 
     def __len__(self) -> int:
-        return len(self.item_codes)
+        """Live items (deleted ones not counted)."""
+        return self.items.num_items - len(self.deleted)
 
     @property
     def codec(self) -> IdCodec:
         return self.trie.codec
+
+    @property
+    def root(self) -> Path | None:
+        """The index folder (holding CURRENT) this index was loaded from or saved to."""
+        return None if self.path is None else self.path.parent
+
+    def item_codes(self, items: np.ndarray) -> np.ndarray:
+        """(n, 1+L) codes of these items: code 0 (the modality, or 0 without the modality
+        code), then the semantic codes unpacked from the stored IDs."""
+        items = np.asarray(items, dtype=np.int64)
+        code0 = self.items.modality(items) if self.quantizer.use_modality_code else np.zeros(len(items), np.int64)
+        return np.concatenate([code0[:, None], self.codec.unpack(self.items.ids(items))], axis=1)
 
     # ------------------------------------------------------------------ fit
     @classmethod
@@ -128,13 +159,17 @@ class GeniusIndex:
         encoder=None,
         progress: bool = True,
     ) -> "GeniusIndex":
-        """Train quantizer and decoder on (queries[i] -> corpus[targets[i]]) and index `corpus`."""
+        """Train quantizer and decoder on (queries[i] -> corpus[targets[i]]) and index `corpus`.
+
+        Item numbers are positions in `corpus`; keys must be unique."""
         config = config or IndexConfig.for_corpus(len(corpus))
         targets = np.asarray(targets, dtype=np.int64)
         if len(targets) != len(queries):
             raise ValueError(f"{len(queries)} queries but {len(targets)} targets")
         if len(targets) and (targets.min() < 0 or targets.max() >= len(corpus)):
             raise ValueError(f"targets must index the corpus (0..{len(corpus) - 1})")
+        keys = list(corpus.keys) if corpus.keys is not None else [str(i) for i in range(len(corpus))]
+        check_unique_keys(keys)
         torch.manual_seed(config.quantizer.seed)
         item_emb = embed_items(corpus, encoder)
         query_emb = embed_items(queries, encoder)
@@ -149,12 +184,6 @@ class GeniusIndex:
             query_modality=queries.modality,
         )
         item_codes = quantizer.encode(item_emb, corpus.modality).cpu().numpy()
-        codec = IdCodec(qcfg.num_levels, qcfg.codebook_size)
-        trie = Trie.build(codec, codec.pack(item_codes[:, 1:]), item_codes[:, 0],
-                          ranges_per_modality=config.ranges_per_modality)
-        log.info("trie: %d items, %d distinct IDs, %.1f bytes/item", len(trie),
-                 len(np.unique(item_codes, axis=0)), trie.bytes_per_item())
-
         log.info("stage 3: decoder on %d pairs (+%d items)", len(targets),
                  len(corpus) if config.decoder_training.index_task else 0)
         decoder = GeniusDecoder(config.decoder, dim, qcfg.num_levels, qcfg.codebook_size).to(config.device)
@@ -164,9 +193,31 @@ class GeniusIndex:
             torch.from_numpy(item_codes[targets]), config.decoder_training,
             item_emb=torch.from_numpy(item_emb), item_codes=torch.from_numpy(item_codes), progress=progress,
         )
-        keys = list(corpus.keys) if corpus.keys is not None else [str(i) for i in range(len(corpus))]
-        vectors = item_emb.astype(np.float16) if config.store_vectors else None
-        return cls(config, quantizer, decoder, trie, item_codes, keys, vectors, encoder)
+        return cls.from_codes(config, quantizer, decoder, item_codes, corpus.modality, keys,
+                              item_emb if config.store_vectors else None, encoder)
+
+    @classmethod
+    def from_codes(
+        cls,
+        config: IndexConfig,
+        quantizer: ModalResidualQuantizer,
+        decoder: GeniusDecoder,
+        item_codes: np.ndarray,
+        modality: np.ndarray,
+        keys: Sequence[str],
+        vectors: np.ndarray | None = None,
+        encoder=None,
+        source: Sequence[str | None] | None = None,
+        metadata: Sequence[str | None] | None = None,
+    ) -> "GeniusIndex":
+        """An in-memory index of items with known codes (N, 1+L); item numbers 0..N-1."""
+        codec = IdCodec(quantizer.num_levels, quantizer.codebook_size)
+        ids = codec.pack(item_codes[:, 1:])
+        trie = Trie.build(codec, ids, item_codes[:, 0], ranges_per_modality=config.ranges_per_modality)
+        log.info("trie: %d items, %.1f bytes/item", len(trie), trie.bytes_per_item())
+        items = ItemTables.in_memory(make_table(keys, np.asarray(modality), ids, source, metadata))
+        stored = None if vectors is None else VectorShards.in_memory(vectors)
+        return cls(config, quantizer, decoder, trie, items, stored, encoder)
 
     # ------------------------------------------------------------------ search
     def embed(self, queries: Items | np.ndarray) -> np.ndarray:
@@ -188,7 +239,9 @@ class GeniusIndex:
 
         rerank: score the beam's items by cosine similarity with the query, using the stored
         item vectors (rerank_with="vectors") or vectors rebuilt from the IDs ("codes").
-        target_modalities: restrict results to these modalities (all queries, or one set each).
+        target_modalities: restrict results to these modalities (all queries, or one set
+        each), by the items' stored modality; with the modality code the beam search is
+        restricted to them from its first step.
         """
         if rerank_with not in RERANK_SOURCES:
             raise ValueError(f"rerank_with must be one of {RERANK_SOURCES}, got {rerank_with!r}")
@@ -196,88 +249,181 @@ class GeniusIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         beam_size = beam_size or self.config.beam_size
         query_emb = self.embed(queries)
-        if query_emb.shape[1] != self.decoder.embed_dim:
-            raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, index expects {self.decoder.embed_dim}")
+        if query_emb.ndim != 2 or query_emb.shape[1] != self.decoder.embed_dim:
+            raise ValueError(f"query embeddings have shape {query_emb.shape}, index expects dim {self.decoder.embed_dim}")
         per_query = per_query_modalities(target_modalities, len(query_emb))
+        wanted = None if per_query is None else _modality_rows(per_query)
         all_items, all_scores = [], []
         device = self.config.device
         for start in range(0, len(query_emb), self.config.query_batch):
             chunk = torch.from_numpy(query_emb[start : start + self.config.query_batch]).to(device)
-            modalities = None if per_query is None else per_query[start : start + len(chunk)]
-            beams = beam_search(self.decoder, self.trie, chunk, beam_size, modalities)
-            ranking = self._rank(beams, chunk, k, rerank, rerank_with)
+            chunk_wanted = None if wanted is None else wanted[start : start + len(chunk)]
+            first_step = None
+            if chunk_wanted is not None and self.quantizer.use_modality_code:
+                first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
+            beams = beam_search(self.decoder, self.trie, chunk, beam_size, first_step)
+            ranking = self._rank(beams, chunk, k, rerank, rerank_with, chunk_wanted)
             all_items.append(ranking.items)
             all_scores.append(ranking.scores)
         items = np.concatenate(all_items) if all_items else np.zeros((0, k), dtype=np.int64)
         scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k))
-        keys = [[self.item_keys[i] for i in row if i >= 0] for row in items]
-        return SearchResult(items, scores, keys)
+        found = items[items >= 0]
+        keys = iter(self.items.keys(found))
+        modalities = iter(self.items.modality(found).tolist())
+        per_row = [int((row >= 0).sum()) for row in items]
+        return SearchResult(items, scores, [[next(keys) for _ in range(n)] for n in per_row],
+                            [[Modality(next(modalities)) for _ in range(n)] for n in per_row])
 
-    def _rank(self, beams, query: torch.Tensor, k: int, rerank: bool, rerank_with: str) -> Ranking:
+    def _keep(self, wanted: np.ndarray | None):
+        """The filter of a beam's items: not deleted, and of a wanted modality when asked."""
+        if wanted is None and len(self.deleted) == 0:
+            return None
+
+        def keep(query: int, items: np.ndarray) -> np.ndarray:
+            mask = np.ones(len(items), dtype=bool)
+            if len(self.deleted):
+                position = np.searchsorted(self.deleted, items)
+                mask &= self.deleted[np.minimum(position, len(self.deleted) - 1)] != items
+            if wanted is not None:
+                mask &= wanted[query][self.items.modality(items)]
+            return mask
+        return keep
+
+    def _rank(self, beams, query: torch.Tensor, k: int, rerank: bool, rerank_with: str,
+              wanted: np.ndarray | None) -> Ranking:
+        keep = self._keep(wanted)
         if not rerank:
-            return rank(beams, k)
-        if rerank_with == "vectors" and self.item_vectors is not None:
-            return rank(beams, k, query.cpu().numpy(), lambda items: self.item_vectors[items].astype(np.float32))
+            return rank(beams, k, keep=keep)
+        if rerank_with == "vectors" and self.vectors is not None:
+            vectors = self.vectors
+            return rank(beams, k, query.cpu().numpy(), lambda items: vectors[items].astype(np.float32), keep=keep)
         # Rebuilt vectors live in the quantizer's projected space: compare the projected query.
         projected = self.quantizer.project(query).cpu().numpy()
-        rebuild = lambda items: self.quantizer.decode(torch.from_numpy(self.item_codes[items])).cpu().numpy()  # noqa: E731
-        return rank(beams, k, projected, rebuild)
+        rebuild = lambda items: self.quantizer.decode(torch.from_numpy(self.item_codes(items))).cpu().numpy()  # noqa: E731
+        return rank(beams, k, projected, rebuild, keep=keep)
 
     # ------------------------------------------------------------------ storage
-    def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.trie.save(directory / "trie")
-        write_atomic(directory / "quantizer.pt", lambda f: torch.save(self.quantizer.state_dict(), f))
-        write_atomic(directory / "decoder.pt", lambda f: torch.save(self.decoder.state_dict(), f))
-        table = pa.table({
-            "item": pa.array(np.arange(len(self)), pa.int64()),
-            "key": pa.array(self.item_keys, pa.string()),
-            "modality": pa.array([Modality(int(m)).name.lower() for m in self.item_codes[:, 0]], pa.string()),
-            "id": pa.array(self.codec.to_bytes(self.codec.pack(self.item_codes[:, 1:])), pa.binary(self.codec.width)),
-        })
-        write_atomic(directory / "items.parquet", lambda f: pq.write_table(table, f))
-        if self.item_vectors is not None:
-            write_atomic(directory / "vectors.npy", lambda f: np.save(f, self.item_vectors))
-        if self.encoder is not None:
-            self.encoder.save(directory / "encoder")
-        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                "embed_dim": self.decoder.embed_dim, "num_items": len(self),
-                "has_encoder": self.encoder is not None, "has_vectors": self.item_vectors is not None}
-        write_json_atomic(directory / "index.json", meta)  # written last: marks the index complete
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Publish this index as a new version of the index folder `directory` (created if
+        needed); returns the version folder. Earlier versions stay until `gc`."""
+        per_file = self.config.items_per_file
+        with VersionWriter(directory) as writer:
+            save_model(writer.path / MODEL_DIR, self.quantizer, self.decoder, self.encoder)
+            partitions = data_files.write_trie(writer.path, self.trie)
+            item_tables = data_files.write_item_tables(writer.path, self.items, per_file)
+            vector_shards = [] if self.vectors is None else data_files.write_vector_shards(writer.path, self.vectors, per_file)
+            manifest = Manifest(
+                version=-1, parent=None, config=self.config.to_dict(), embed_dim=self.decoder.embed_dim,
+                **data_files.codec_fields(self.codec), num_items=self.items.num_items, num_deleted=len(self.deleted),
+                modality_counts=data_files.modality_counts(self.items, self.deleted), partitions=partitions,
+                item_tables=item_tables, vector_shards=vector_shards,
+                deletes=data_files.write_deletes(writer.path, self.deleted), has_encoder=self.encoder is not None,
+            )
+            self.path = writer.publish(manifest)
+        return self.path
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu", mmap: bool = True) -> "GeniusIndex":
-        directory = Path(directory)
-        meta_path = directory / "index.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{directory} holds no complete GENIUS index (missing index.json)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        config = IndexConfig.from_dict(meta["config"])
-        config.device = device
-        dim = meta["embed_dim"]
-        quantizer = ModalResidualQuantizer.from_config(dim, config.quantizer)
-        quantizer.load_state_dict(torch.load(directory / "quantizer.pt", map_location=device))
-        decoder = GeniusDecoder(config.decoder, dim, config.quantizer.num_levels, config.quantizer.codebook_size)
-        decoder.load_state_dict(torch.load(directory / "decoder.pt", map_location=device))
-        trie = Trie.load(directory / "trie", mmap=mmap)
-        table = pq.read_table(directory / "items.parquet")
-        codec = trie.codec
-        ids = codec.from_bytes(table.column("id").to_pylist())
-        modality = np.array([int(Modality.parse(m)) for m in table.column("modality").to_pylist()], dtype=np.int64)
-        item_codes = np.concatenate([modality[:, None], codec.unpack(ids)], axis=1)
-        vectors = None
-        if meta.get("has_vectors"):
-            vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap else None)
-        encoder = None
-        if meta.get("has_encoder"):
-            from genius.encoders import MultimodalEncoder
+        """Open INDEX (the version its CURRENT names) or one version folder INDEX/v-<n>.
 
-            encoder = MultimodalEncoder.load(directory / "encoder")
-        return cls(config, quantizer.to(device), decoder.to(device), trie, item_codes,
-                   table.column("key").to_pylist(), vectors, encoder)
+        O(files): the trie, item tables and vectors are memory-mapped, nothing per item is
+        read. A damaged or truncated file, or an index of another format, raises
+        genius.store.IndexFormatError naming the file."""
+        version = open_version(directory, mmap=mmap)
+        manifest = version.manifest
+        config = IndexConfig.from_dict(manifest.config)
+        config.device = device
+        quantizer, decoder, encoder = load_model(version.path / MODEL_DIR, config.quantizer, config.decoder,
+                                                 manifest.embed_dim, manifest.has_encoder, device)
+        return cls(config, quantizer, decoder, version.trie, version.items, version.vectors, encoder,
+                   version.deleted, version.path)
+
+    # ------------------------------------------------------------------ updates
+    def add(self, items: Items, source: Sequence[str | None] | None = None,
+            metadata: Sequence[str | None] | None = None) -> "GeniusIndex":
+        """Quantize new items with this index's codebooks, publish a version holding them too,
+        and return the index of that version (this object keeps serving its own)."""
+        root = self._saved_root("add")
+        emb = embed_items(items, self.encoder)
+        if emb.shape[1] != self.decoder.embed_dim:
+            raise ValueError(f"new items have dim {emb.shape[1]}, the index expects {self.decoder.embed_dim}")
+        codes = self.quantizer.encode(emb, items.modality).cpu().numpy()
+        keys = list(items.keys) if items.keys is not None else None
+        if keys is None:
+            raise ValueError("new items need keys (Items(keys=...)): keys identify items for delete")
+        vectors = emb.astype(np.float16) if self.vectors is not None else None
+        update.add_items(root, keys, items.modality, self.codec.pack(codes[:, 1:]), vectors, source, metadata)
+        return type(self).load(root, device=self.config.device)
+
+    def delete(self, keys: Sequence[str], missing_ok: bool = False) -> "GeniusIndex":
+        """Publish a version without the items of these keys; return its index."""
+        root = self._saved_root("delete")
+        update.delete_keys(root, keys, missing_ok=missing_ok)
+        return type(self).load(root, device=self.config.device)
+
+    def compact(self) -> "GeniusIndex":
+        """Publish a version with deleted items dropped and the rest renumbered; return its index."""
+        root = self._saved_root("compact")
+        update.compact(root)
+        return type(self).load(root, device=self.config.device)
+
+    def _saved_root(self, what: str) -> Path:
+        if self.root is None:
+            raise ValueError(f"{what} updates a saved index: call save(directory) first")
+        return self.root
+
+    def reload(self) -> "GeniusIndex":
+        """The index as CURRENT now names it (the same model files are reread)."""
+        if self.root is None:
+            raise ValueError("this index has not been saved: nothing to reload")
+        return type(self).load(self.root, device=self.config.device)
+
+
+def publish_merged(
+    root: str | os.PathLike,
+    id_tables: Sequence[str | os.PathLike],
+    config: IndexConfig,
+    quantizer: ModalResidualQuantizer,
+    decoder: GeniusDecoder,
+    encoder=None,
+    work_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Merge per-shard ID tables (genius.store.merge) and publish them with this model as a new
+    version of `root`; the local form of what a cluster build's coordinator does."""
+    import tempfile
+
+    merge_config = MergeConfig(quantizer.num_levels, quantizer.codebook_size, config.ranges_per_modality,
+                               quantizer.use_modality_code, config.items_per_file)
+    with VersionWriter(root) as writer, tempfile.TemporaryDirectory(dir=work_dir, prefix="genius-merge-") as work:
+        save_model(writer.path / MODEL_DIR, quantizer, decoder, encoder)
+        merged = merge_id_tables(id_tables, merge_config, writer.path, work)
+        if merged.vector_dim is not None and merged.vector_dim != decoder.embed_dim:
+            raise ValueError(f"ID tables carry vectors of dim {merged.vector_dim}, the model embeds {decoder.embed_dim}")
+        manifest = Manifest(
+            version=-1, parent=None, config=config.to_dict(), embed_dim=decoder.embed_dim,
+            **data_files.codec_fields(merge_config.codec), num_items=merged.num_items, num_deleted=0,
+            modality_counts=merged.modality_counts, partitions=merged.partitions, item_tables=merged.item_tables,
+            vector_shards=merged.vector_shards, deletes=None, has_encoder=encoder is not None,
+        )
+        return writer.publish(manifest)
+
+
+def check_unique_keys(keys: Sequence[str]) -> None:
+    """Keys identify items: a repeated key is an error naming both rows."""
+    first: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if key in first:
+            raise ValueError(f"duplicate key {key!r}: rows {first[key]} and {row}")
+        first[key] = row
+
+
+def _modality_rows(per_query: list[Collection]) -> np.ndarray:
+    """(Q, 3) bool: the modalities each query asks for."""
+    out = np.zeros((len(per_query), NUM_MODALITIES), dtype=bool)
+    for q, row in enumerate(per_query):
+        for m in row:
+            out[q, int(Modality.parse(m))] = True
+    return out
 
 
 def embed_items(items: Items, encoder) -> np.ndarray:

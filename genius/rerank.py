@@ -23,12 +23,14 @@ def rank(
     k: int,
     query_vectors: np.ndarray | None = None,
     item_vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+    keep: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> Ranking:
     """Top-k items per query.
 
     Without vectors, items come in beam order. With `query_vectors` (Q, D) and
     `item_vectors` (a function from item numbers to (n, D) vectors: stored embeddings or
     vectors rebuilt from codes), every item of the beam is scored by cosine similarity.
+    `keep(query, items)` -> bool mask drops items first (deleted ones, unwanted modalities).
     """
     Q = len(beams.items)
     out_items = np.full((Q, k), -1, dtype=np.int64)
@@ -39,6 +41,12 @@ def rank(
         if not ranked:
             continue
         items = np.array([i for i, _ in ranked], dtype=np.int64)
+        if keep is not None:
+            mask = keep(q, items)
+            items = items[mask]
+            ranked = [r for r, m in zip(ranked, mask.tolist()) if m]
+            if not ranked:
+                continue
         if rerank:
             vectors = np.asarray(item_vectors(items), dtype=np.float32)
             query = np.asarray(query_vectors[q], dtype=np.float32)

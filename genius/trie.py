@@ -5,21 +5,23 @@ A partition holds the items of one modality whose first semantic code lies in
 item numbers (uint32 while the corpus fits): 16 bytes per item for 12-byte IDs. There are no
 per-node objects. A beam's position in the trie is a row range [lo, hi) of one partition:
 the rows sharing its prefix. The children of a prefix are the distinct next codes in that
-range; the top levels use dense offset tables (row start of every possible prefix), deeper
-levels read the codes of the rows in range, which are few there.
+range; the top levels use dense offset tables (row start of every possible prefix). Below
+them, a prefix with at most T rows reads the codes of its rows; the few prefixes with more
+than T rows ("big nodes", at most N / T per level) have their children stored, so that one
+expansion costs about max(T, K) per beam however skewed the codes are.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from genius.atomic import write_atomic, write_json_atomic
-from genius.idcodec import IdCodec
+from genius.idcodec import IdCodec, id_words, sort_order
 from genius.modality import NUM_MODALITIES, Modality
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,74 @@ MANIFEST = "trie.json"
 # DENSE_FACTOR * N entries (and the hard cap), so tables cost at most a few bytes per item.
 DENSE_FACTOR = 1
 DENSE_MAX_ENTRIES = 1 << 26
+# T, the row count above which a prefix stores its children. None: max(DEFAULT_BIG_NODE_ROWS, 2 K).
+# T >= K because an expansion writes a K-wide mask row per beam anyway, so reading up to T ~ K
+# rows costs the same order; and a level lists at most N * K / T children (24 bytes each), so
+# T = 2 K bounds that by N / 2 while reading 2 K rows costs about twice listing K children.
+# Tests set a small T to force the big-node path.
+BIG_NODE_ROWS: int | None = None
+DEFAULT_BIG_NODE_ROWS = 1024
+BIG_NODE_ROWS_PER_CODE = 2
+NO_BIG_NODES = np.iinfo(np.int64).max  # the threshold of partitions saved without big-node tables
+NODE_COLUMNS = ("level", "lo", "hi", "first_child", "num_children")
+CHILD_COLUMNS = ("code", "lo", "hi")
+
+
+def big_node_rows(codebook_size: int) -> int:
+    """The threshold T for a new partition."""
+    if BIG_NODE_ROWS is not None:
+        return BIG_NODE_ROWS
+    return max(DEFAULT_BIG_NODE_ROWS, BIG_NODE_ROWS_PER_CODE * codebook_size)
+
+
+def _empty_table(columns: tuple[str, ...]) -> np.ndarray:
+    return np.zeros((0, len(columns)), dtype=np.int64)
+
+
+class ItemRange:
+    """Item numbers start, start+1, ..., start+n-1 without storing them: what a merged partition
+    holds (genius.store.merge numbers items in trie order), so its IDs cost 12 bytes, not 16."""
+
+    def __init__(self, start: int, n: int):
+        self.start, self.n = int(start), int(n)
+        self.dtype = np.dtype(np.int64)
+        self.nbytes = 0
+        self.shape = (self.n,)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(self.n)
+            return np.arange(self.start + lo, self.start + hi, step, dtype=np.int64)
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        if ((index < -self.n) | (index >= self.n)).any():
+            raise IndexError(f"row out of range for {self.n} items")
+        return np.where(index < 0, index + self.n, index).astype(np.int64) + self.start
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.arange(self.start, self.start + self.n, dtype=np.int64)
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+    def max(self) -> int:
+        return self.start + self.n - 1
+
+    def min(self) -> int:
+        return self.start
+
+
+def _as_item_range(items: np.ndarray) -> ItemRange | None:
+    """An ItemRange when the items are consecutive (cheap check, no copy kept)."""
+    n = len(items)
+    if n == 0 or int(items[-1]) - int(items[0]) != n - 1:
+        return None
+    return ItemRange(int(items[0]), n) if (np.diff(items) == 1).all() else None
 
 
 @dataclass
@@ -37,11 +107,20 @@ class TriePartition:
     code_lo: int
     code_hi: int
     ids: np.ndarray  # (N, width) uint8, sorted as bytes
-    items: np.ndarray  # (N,) item numbers, aligned with ids
+    items: np.ndarray | ItemRange  # (N,) item numbers, aligned with ids (implicit when consecutive)
     dense: list[np.ndarray]  # dense[l]: (K**(l+1) + 1,) int64 row offsets of each prefix
+    # Big nodes: rows NODE_COLUMNS sorted by (level, lo); a node at level l is a prefix of l codes.
+    nodes: np.ndarray = field(default_factory=lambda: _empty_table(NODE_COLUMNS))
+    children: np.ndarray = field(default_factory=lambda: _empty_table(CHILD_COLUMNS))  # CHILD_COLUMNS rows
+    big_rows: int = NO_BIG_NODES  # T: ranges with more rows than this have a node
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.ids, self.items, self.nodes, self.children, *self.dense]
+        return sum(int(a.nbytes) for a in arrays)
 
 
 @dataclass
@@ -60,6 +139,9 @@ class TrieState:
         return TrieState(self.part[index], self.lo[index], self.hi[index], self.prefix[index])
 
 
+# ----------------------------------------------------------------------------- partitions
+
+
 def _dense_levels(num_items: int, num_levels: int, codebook_size: int) -> int:
     levels = 1  # level 0 is always dense: K + 1 offsets
     while levels < num_levels:
@@ -70,15 +152,207 @@ def _dense_levels(num_items: int, num_levels: int, codebook_size: int) -> int:
     return levels
 
 
-def _build_dense(codes: np.ndarray, levels: int, codebook_size: int) -> list[np.ndarray]:
-    """Offsets of each prefix (of length 1..levels) into sorted rows."""
+def _build_dense(codec: IdCodec, ids: np.ndarray, levels: int) -> list[np.ndarray]:
+    """Offsets of each prefix (of length 1..levels) into sorted rows, one level of codes at a time."""
+    K = codec.codebook_size
     tables = []
-    prefix = np.zeros(len(codes), dtype=np.int64)
+    prefix = np.zeros(len(ids), dtype=np.int64)
     for level in range(levels):
-        prefix = prefix * codebook_size + codes[:, level]
-        counts = np.bincount(prefix, minlength=codebook_size ** (level + 1))
+        prefix = prefix * K + codec.code_at(ids, level)
+        counts = np.bincount(prefix, minlength=K ** (level + 1))
         tables.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     return tables
+
+
+def _build_big_nodes(codec: IdCodec, ids: np.ndarray, first_level: int,
+                     threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Node and child tables of the prefixes with more than `threshold` rows, at levels first_level..L-1.
+
+    Walks the levels with one code array and one boolean per row (does a new prefix start
+    here), so memory stays at a few arrays of N whatever L.
+    """
+    n = len(ids)
+    node_parts, child_parts = [_empty_table(NODE_COLUMNS)], [_empty_table(CHILD_COLUMNS)]
+    if first_level >= codec.num_levels:
+        return node_parts[0], child_parts[0]  # every level is dense
+    starts = np.zeros(n, dtype=bool)
+    starts[:1] = True
+    bounds = np.array([0, n], dtype=np.int64)  # row ranges of the prefixes of length `level`
+    num_children = 0
+    for level in range(codec.num_levels):
+        sizes = np.diff(bounds)
+        if sizes.max() <= threshold:
+            break  # longer prefixes are no bigger: no big node at this level or below
+        code = codec.code_at(ids, level)
+        starts[1:] |= code[1:] != code[:-1]
+        child_bounds = np.append(np.flatnonzero(starts), n)
+        if level >= first_level:
+            big = np.flatnonzero(sizes > threshold)
+            nodes, children = _level_big_nodes(level, bounds[big], bounds[big + 1], child_bounds, code)
+            nodes[:, 3] += num_children
+            num_children += len(children)
+            node_parts.append(nodes)
+            child_parts.append(children)
+        bounds = child_bounds
+    return np.concatenate(node_parts), np.concatenate(child_parts)
+
+
+def _level_big_nodes(level: int, lo: np.ndarray, hi: np.ndarray, child_bounds: np.ndarray,
+                     code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tables of the big nodes [lo, hi) of one level; child_bounds: row ranges of the prefixes one code longer."""
+    first = np.searchsorted(child_bounds, lo)
+    count = np.searchsorted(child_bounds, hi) - first
+    child = _concat_ranges(first, count)
+    child_lo, child_hi = child_bounds[child], child_bounds[child + 1]
+    nodes = np.column_stack([np.full(len(lo), level), lo, hi, np.cumsum(count) - count, count])
+    children = np.column_stack([code[child_lo], child_lo, child_hi])
+    return nodes.astype(np.int64), children.astype(np.int64)
+
+
+def _concat_ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start[i], start[i] + count[i]) over i, without a Python loop."""
+    total = int(count.sum())
+    offsets = np.cumsum(count) - count
+    return np.repeat(start - offsets, count) + np.arange(total, dtype=np.int64)
+
+
+def _check_sorted(ids: np.ndarray, items: np.ndarray, chunk: int = 1 << 20) -> None:
+    """Raise unless rows are sorted by (ID bytes, item number): neighbours compared word by word, in chunks."""
+    for start in range(0, max(len(ids) - 1, 0), chunk):
+        rows = slice(start, start + chunk + 1)  # one row of overlap with the next chunk
+        bad = _out_of_order(ids[rows], items[rows])
+        if bad.any():
+            row = start + int(np.flatnonzero(bad)[0])
+            raise ValueError(f"ids are not sorted by (ID bytes, item number): "
+                             f"rows {row} and {row + 1} are out of order")
+
+
+def _out_of_order(ids: np.ndarray, items: np.ndarray) -> np.ndarray:
+    less = np.zeros(len(ids) - 1, dtype=bool)  # row i < row i + 1 on the words compared so far
+    equal = np.ones(len(ids) - 1, dtype=bool)
+    for word in id_words(ids):
+        less |= equal & (word[:-1] < word[1:])
+        equal &= word[:-1] == word[1:]
+    return ~less & ~(equal & (items[:-1] <= items[1:]))
+
+
+def _item_dtype(items: np.ndarray) -> np.dtype:
+    return np.dtype(np.uint32 if len(items) == 0 or int(items.max()) < 2**32 else np.uint64)
+
+
+def build_partition(codec: IdCodec, modality: Modality, code_lo: int, code_hi: int, ids: np.ndarray,
+                    items: np.ndarray) -> TriePartition:
+    """A partition from IDs already sorted by (ID bytes, item number), with its dense and big-node tables."""
+    ids, items = np.asarray(ids), np.asarray(items)
+    if ids.dtype != np.uint8 or ids.ndim != 2 or ids.shape[1] != codec.width:
+        raise ValueError(f"ids must be a uint8 array of shape (N, {codec.width}), got {ids.dtype} {ids.shape}")
+    if items.shape != (len(ids),) or items.dtype.kind not in "ui":
+        raise ValueError(f"items must be {len(ids)} integers, got {items.dtype} {items.shape}")
+    if len(items) and int(items.min()) < 0:
+        raise ValueError(f"item numbers must be >= 0, got {int(items.min())}")
+    if not 0 <= code_lo < code_hi <= codec.codebook_size:
+        raise ValueError(f"need 0 <= code_lo < code_hi <= {codec.codebook_size}, got [{code_lo}, {code_hi})")
+    _check_sorted(ids, items)
+    if len(ids):
+        ends = codec.code_at(ids[[0, -1]], 0)
+        if ends[0] < code_lo or ends[1] >= code_hi:
+            raise ValueError(f"first codes span [{ends[0]}, {ends[1]}], outside the partition's [{code_lo}, {code_hi})")
+    ids = np.ascontiguousarray(ids)
+    levels = _dense_levels(len(ids), codec.num_levels, codec.codebook_size)
+    dense = _build_dense(codec, ids, levels)
+    threshold = big_node_rows(codec.codebook_size)
+    nodes, children = _build_big_nodes(codec, ids, levels, threshold)
+    stored = _as_item_range(items) or items.astype(_item_dtype(items))
+    return TriePartition(Modality(modality), int(code_lo), int(code_hi), ids, stored,
+                         dense, nodes, children, int(threshold))
+
+
+def _partition_files(part: TriePartition) -> dict[str, str]:
+    stem = f"{Modality(part.modality).name.lower()}-{int(part.code_lo):05d}"
+    roles = ["ids", *([] if isinstance(part.items, ItemRange) else ["items"]),
+             *(f"dense{l}" for l in range(len(part.dense)))]
+    if len(part.nodes):  # most partitions have no big node: no empty files for them
+        roles += ["nodes", "children"]
+    return {role: f"{stem}.{role}" for role in roles}
+
+
+def write_partition(directory: str | os.PathLike, part: TriePartition, codec: IdCodec) -> dict:
+    """Write one partition's raw arrays (each file atomically); return its manifest entry."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = _partition_files(part)
+    arrays = {"ids": part.ids, "items": part.items, "nodes": part.nodes, "children": part.children,
+              **{f"dense{l}": t for l, t in enumerate(part.dense)}}
+    for role, name in files.items():
+        array = np.asarray(arrays[role])
+        # Raw little-endian arrays, memory-mapped as they are by read_partition.
+        write_atomic(directory / name, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tofile)
+    entry = {
+        "modality": part.modality.name.lower(), "code_lo": int(part.code_lo), "code_hi": int(part.code_hi),
+        "count": len(part), "item_dtype": str(part.items.dtype), "dense_levels": len(part.dense),
+        "big_node_rows": int(part.big_rows), "num_nodes": len(part.nodes), "num_children": len(part.children),
+        "files": files,
+    }
+    if isinstance(part.items, ItemRange):
+        entry["items_start"] = part.items.start  # consecutive item numbers: no items file
+    return entry
+
+
+def _expected_shapes(entry: dict, codec: IdCodec) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    n, K = int(entry["count"]), codec.codebook_size
+    shapes = {"ids": (np.dtype(np.uint8), (n, codec.width))}
+    if "items_start" not in entry:
+        shapes["items"] = (np.dtype(entry["item_dtype"]).newbyteorder("<"), (n,))
+    for l in range(int(entry["dense_levels"])):
+        shapes[f"dense{l}"] = (np.dtype("<i8"), (K ** (l + 1) + 1,))
+    if int(entry.get("num_nodes", 0)):
+        shapes["nodes"] = (np.dtype("<i8"), (int(entry["num_nodes"]), len(NODE_COLUMNS)))
+        shapes["children"] = (np.dtype("<i8"), (int(entry["num_children"]), len(CHILD_COLUMNS)))
+    return shapes
+
+
+def read_partition(directory: str | os.PathLike, entry: dict, codec: IdCodec, mmap: bool = True) -> TriePartition:
+    """Open one partition from its manifest entry; every file must have exactly the size the entry implies."""
+    directory = Path(directory)
+    arrays = {}
+    for role, (dtype, shape) in _expected_shapes(entry, codec).items():
+        if role not in entry["files"]:
+            name = f"{entry.get('modality')}-{entry.get('code_lo')}"
+            raise ValueError(f"trie partition entry {name} has {entry.get('num_nodes')} big nodes but no {role} file")
+        arrays[role] = _read(directory / entry["files"][role], dtype, shape, mmap)
+    dense = [arrays[f"dense{l}"] for l in range(int(entry["dense_levels"]))]
+    # Entries written before big nodes existed have no threshold: every range is read row by row.
+    return TriePartition(Modality.parse(entry["modality"]), int(entry["code_lo"]), int(entry["code_hi"]),
+                         arrays["ids"],
+                         ItemRange(entry["items_start"], int(entry["count"])) if "items_start" in entry else arrays["items"],
+                         dense,
+                         arrays.get("nodes", _empty_table(NODE_COLUMNS)),
+                         arrays.get("children", _empty_table(CHILD_COLUMNS)),
+                         int(entry.get("big_node_rows", NO_BIG_NODES)))
+
+
+def write_trie_manifest(directory: str | os.PathLike, codec: IdCodec, entries: list[dict]) -> None:
+    manifest = {"num_levels": codec.num_levels, "codebook_size": codec.codebook_size, "width": codec.width,
+                "partitions": entries}
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+
+
+def _read(path: Path, dtype: np.dtype, shape: tuple[int, ...], mmap: bool) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"trie file missing: {path}")
+    expected = int(np.prod(shape)) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ValueError(f"trie file {path} has {actual} bytes, expected {expected} for {dtype} {shape}: "
+                         f"the file is truncated or damaged")
+    if expected == 0:
+        return np.zeros(shape, dtype=dtype)  # an empty file cannot be memory-mapped
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    return np.fromfile(path, dtype=dtype).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- the trie
 
 
 class Trie:
@@ -98,6 +372,7 @@ class Trie:
             self._root_lo[part.modality, codes] = part.dense[0][codes]
             self._root_hi[part.modality, codes] = part.dense[0][codes + 1]
         self._root_mask = self._root_hi > self._root_lo
+        self._node_index = [_NodeIndex.of(part, codec.num_levels) for part in partitions]
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -122,51 +397,32 @@ class Trie:
             raise ValueError(f"ids, modalities, items differ in length: {len(ids)}, {len(modalities)}, {len(items)}")
         if ids.ndim != 2 or ids.shape[1] != codec.width:
             raise ValueError(f"ids must have shape (N, {codec.width}), got {ids.shape}")
-        item_dtype = np.uint32 if (len(items) == 0 or items.max() < 2**32) else np.uint64
-        K = codec.codebook_size
-        bounds = np.linspace(0, K, ranges_per_modality + 1).round().astype(int)
+        bounds = np.linspace(0, codec.codebook_size, ranges_per_modality + 1).round().astype(int)
         partitions = []
         for modality in Modality:
             sel = np.flatnonzero(modalities == modality)
             if len(sel) == 0:
                 continue
-            m_ids, m_items = ids[sel], items[sel]
-            # Sort by ID bytes (column 0 most significant), ties by item number.
-            order = np.lexsort([m_items] + [m_ids[:, j] for j in range(codec.width - 1, -1, -1)])
-            m_ids, m_items = m_ids[order], m_items[order]
+            if len(sel) < len(ids):
+                m_ids, m_items = np.take(ids, sel, axis=0), items[sel]  # np.take: faster than fancy row indexing
+            else:
+                m_ids, m_items = ids, items
+            order = sort_order(m_ids, m_items)  # by ID bytes, ties by item number
+            m_ids, m_items = np.take(m_ids, order, axis=0), m_items[order]
             first = codec.code_at(m_ids, 0)
             for lo_code, hi_code in zip(bounds[:-1], bounds[1:]):
                 rows = slice(np.searchsorted(first, lo_code), np.searchsorted(first, hi_code))
-                p_ids, p_items = m_ids[rows], m_items[rows].astype(item_dtype)
-                if len(p_ids) == 0:
-                    continue
-                levels = _dense_levels(len(p_ids), codec.num_levels, K)
-                dense = _build_dense(codec.unpack(p_ids), levels, K)
-                partitions.append(TriePartition(modality, int(lo_code), int(hi_code), p_ids, p_items, dense))
+                if rows.stop > rows.start:
+                    partitions.append(build_partition(codec, modality, int(lo_code), int(hi_code),
+                                                      m_ids[rows], m_items[rows]))
         return cls(codec, partitions)
 
     # ---------------------------------------------------------------- storage
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write raw arrays (memory-mappable) plus a JSON manifest; each file atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for part in self.partitions:
-            stem = f"{part.modality.name.lower()}-{int(part.code_lo):05d}"
-            files = {"ids": f"{stem}.ids", "items": f"{stem}.items"}
-            write_atomic(directory / files["ids"], np.ascontiguousarray(part.ids).tofile)
-            write_atomic(directory / files["items"], np.ascontiguousarray(part.items).tofile)
-            for level, table in enumerate(part.dense):
-                files[f"dense{level}"] = f"{stem}.dense{level}"
-                write_atomic(directory / files[f"dense{level}"], np.ascontiguousarray(table).tofile)
-            entries.append({
-                "modality": part.modality.name.lower(), "code_lo": int(part.code_lo), "code_hi": int(part.code_hi),
-                "count": len(part), "item_dtype": str(part.items.dtype), "dense_levels": len(part.dense),
-                "files": files,
-            })
-        manifest = {"num_levels": self.codec.num_levels, "codebook_size": self.codec.codebook_size,
-                    "width": self.codec.width, "partitions": entries}
-        write_json_atomic(directory / MANIFEST, manifest)
+    def save(self, directory: str | os.PathLike) -> list[dict]:
+        """Write every partition's raw arrays, then the JSON manifest (each file atomically); return the entries."""
+        entries = [write_partition(directory, part, self.codec) for part in self.partitions]
+        write_trie_manifest(directory, self.codec, entries)
+        return entries
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "Trie":
@@ -176,14 +432,9 @@ class Trie:
             raise FileNotFoundError(f"no trie manifest at {manifest_path}")
         manifest = json.loads(manifest_path.read_text())
         codec = IdCodec(manifest["num_levels"], manifest["codebook_size"])
-        partitions = []
-        for e in manifest["partitions"]:
-            n, files = e["count"], e["files"]
-            ids = _read(directory / files["ids"], np.uint8, (n, codec.width), mmap)
-            items = _read(directory / files["items"], np.dtype(e["item_dtype"]), (n,), mmap)
-            dense = [_read(directory / files[f"dense{l}"], np.int64, None, mmap) for l in range(e["dense_levels"])]
-            partitions.append(TriePartition(Modality.parse(e["modality"]), e["code_lo"], e["code_hi"], ids, items, dense))
-        return cls(codec, partitions)
+        if manifest.get("width", codec.width) != codec.width:
+            raise ValueError(f"{manifest_path}: width {manifest['width']}, the codec gives {codec.width}")
+        return cls(codec, [read_partition(directory, e, codec, mmap) for e in manifest["partitions"]])
 
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -194,8 +445,8 @@ class Trie:
         return sorted({p.modality for p in self.partitions})
 
     def bytes_per_item(self) -> float:
-        total = sum(p.ids.nbytes + p.items.nbytes + sum(t.nbytes for t in p.dense) for p in self.partitions)
-        return total / max(1, len(self))
+        """Bytes of all arrays (IDs, items, dense and big-node tables) per item."""
+        return sum(p.nbytes for p in self.partitions) / max(1, len(self))
 
     def root_mask(self, modalities: np.ndarray) -> np.ndarray:
         """(B, K) allowed first semantic codes for beams whose modality is given."""
@@ -223,75 +474,142 @@ class Trie:
         return np.array([bytes(r) in keys for r in ids], dtype=bool)
 
 
+@dataclass
+class _NodeIndex:
+    """Lookup of a partition's big nodes by (level, lo): where each level starts, and the lo column."""
+
+    nodes: np.ndarray
+    level_start: np.ndarray  # (L + 1,): nodes of level l are rows level_start[l]:level_start[l + 1]
+    lo: np.ndarray  # contiguous copy of the lo column, for searchsorted
+
+    @classmethod
+    def of(cls, part: TriePartition, num_levels: int) -> "_NodeIndex":
+        levels = np.asarray(part.nodes[:, 0])
+        return cls(part.nodes, np.searchsorted(levels, np.arange(num_levels + 1)), np.array(part.nodes[:, 1]))
+
+    def find(self, level: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """(B, 5) node rows of the prefixes at `level` with row ranges [lo, hi)."""
+        start, stop = self.level_start[level], self.level_start[level + 1]
+        at = start + np.searchsorted(self.lo[start:stop], lo)
+        if (at < stop).all():
+            nodes = np.asarray(self.nodes[at])
+            if (nodes[:, 1] == lo).all() and (nodes[:, 2] == hi).all():
+                return nodes
+        raise ValueError(f"a beam's range at level {level} exceeds the big-node threshold but has no node: "
+                         f"damaged trie tables, or a state from another trie")
+
+
+@dataclass
+class _DenseChildren:
+    """Children of beams at a dense level: read from the offsets of every possible prefix."""
+
+    beams: np.ndarray  # beam numbers in the expansion's state, ascending
+    prefix: np.ndarray  # their code prefixes as integers
+    table: np.ndarray  # dense offsets of the level
+    K: int
+
+    def mark(self, mask: np.ndarray) -> None:
+        base = self.prefix[:, None] * self.K + np.arange(self.K)
+        mask[self.beams] = self.table[base + 1] > self.table[base]
+
+    def find(self, local: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = self.prefix[local] * self.K + codes
+        lo, hi = self.table[key], self.table[key + 1]
+        if (hi <= lo).any():
+            raise ValueError("a chosen code is not a child of its beam")
+        return lo, hi
+
+
+@dataclass
+class _ListedChildren:
+    """Children of beams as a sorted list: key = local beam * K + code, and the child's row range."""
+
+    beams: np.ndarray  # beam numbers in the expansion's state, ascending
+    keys: np.ndarray  # sorted, unique
+    lo: np.ndarray
+    hi: np.ndarray
+    K: int
+
+    def mark(self, mask: np.ndarray) -> None:
+        local = self.keys // self.K
+        # Flat indices into the C-ordered (B, K) mask: faster than a 2-d fancy assignment.
+        mask.reshape(-1)[self.keys + (self.beams - np.arange(len(self.beams)))[local] * self.K] = True
+
+    def find(self, local: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = local * self.K + codes
+        at = np.searchsorted(self.keys, key)
+        if (at >= len(self.keys)).any() or (self.keys[np.minimum(at, len(self.keys) - 1)] != key).any():
+            raise ValueError("a chosen code is not a child of its beam")
+        return self.lo[at], self.hi[at]
+
+
+def _gathered_children(codec: IdCodec, part: TriePartition, level: int, beams: np.ndarray, lo: np.ndarray,
+                       hi: np.ndarray) -> _ListedChildren:
+    """Children of small ranges: read the code of every row in range (at most T per beam)."""
+    K = codec.codebook_size
+    counts = hi - lo
+    rows = _concat_ranges(lo, counts)
+    beam_of = np.repeat(np.arange(len(beams)), counts)
+    # Rows are sorted by code within each beam, so the keys come sorted: runs of equal keys are children.
+    keys = beam_of * K + codec.code_at(np.asarray(np.take(part.ids, rows, axis=0)), level)
+    first = np.flatnonzero(np.diff(keys, prepend=-1))  # keys are >= 0
+    last = np.append(first[1:], len(keys)) - 1
+    return _ListedChildren(beams, keys[first], rows[first], rows[last] + 1, K)
+
+
+def _stored_children(index: _NodeIndex, part: TriePartition, level: int, beams: np.ndarray, lo: np.ndarray,
+                     hi: np.ndarray, K: int) -> _ListedChildren:
+    """Children of big ranges: from their node's slice of the child table (at most K per beam)."""
+    nodes = index.find(level, lo, hi)
+    count = nodes[:, 4]
+    children = np.take(part.children, _concat_ranges(nodes[:, 3], count), axis=0)
+    keys = np.repeat(np.arange(len(beams)), count) * K + children[:, 0]
+    return _ListedChildren(beams, keys, children[:, 1], children[:, 2], K)
+
+
 class Expansion:
     """Children of B beams at one level: a (B, K) mask, and the child state of chosen codes."""
 
     def __init__(self, trie: Trie, level: int, state: TrieState):
         K = trie.codec.codebook_size
-        B = len(state.lo)
         self.trie, self.level, self.state = trie, level, state
-        self.mask = np.zeros((B, K), dtype=bool)
-        # Per partition: either dense offsets or the gathered rows of each beam's range.
-        self._groups: list[tuple[np.ndarray, TriePartition, np.ndarray | None, np.ndarray | None]] = []
+        self.mask = np.zeros((len(state.lo), K), dtype=bool)
+        self._groups: list[_DenseChildren | _ListedChildren] = []
         for p in np.unique(state.part):
             beams = np.flatnonzero(state.part == p)
             part = trie.partitions[p]
             if level < len(part.dense):
-                table = part.dense[level]
-                base = state.prefix[beams][:, None] * K + np.arange(K)
-                self.mask[beams] = table[base + 1] > table[base]
-                self._groups.append((beams, part, None, None))
+                self._groups.append(_DenseChildren(beams, state.prefix[beams], part.dense[level], K))
                 continue
             lo, hi = state.lo[beams], state.hi[beams]
-            counts = hi - lo
-            total = int(counts.sum())
-            starts = np.cumsum(counts) - counts
-            rows = np.repeat(lo - starts, counts) + np.arange(total)
-            beam_of = np.repeat(np.arange(len(beams)), counts)
-            codes = trie.codec.code_at(np.asarray(part.ids[rows]), level)
-            self.mask[beams[beam_of], codes] = True
-            # Rows are sorted by code within each beam, so (beam, code) keys are sorted.
-            self._groups.append((beams, part, rows, beam_of * K + codes))
+            # Big ranges (more than T rows) read their node's children instead of all their rows.
+            big = hi - lo > part.big_rows
+            if not big.all():
+                small = ~big
+                self._groups.append(_gathered_children(trie.codec, part, level, beams[small], lo[small], hi[small]))
+            if big.any():
+                self._groups.append(_stored_children(trie._node_index[p], part, level, beams[big], lo[big],
+                                                     hi[big], K))
+        for group in self._groups:
+            group.mark(self.mask)
 
     def children(self, beam: np.ndarray, codes: np.ndarray) -> TrieState:
         """State of the child `codes[i]` of beam `beam[i]` (each must be allowed)."""
         K = self.trie.codec.codebook_size
         beam = np.asarray(beam, dtype=np.int64)
         codes = np.asarray(codes, dtype=np.int64)
+        if ((codes < 0) | (codes >= K)).any():
+            raise ValueError(f"a chosen code is not a child of its beam: codes must lie in [0, {K})")
         lo = np.empty(len(beam), dtype=np.int64)
         hi = np.empty(len(beam), dtype=np.int64)
-        part_of_beam = self.state.part[beam]
-        for beams, part, rows, keys in self._groups:
-            sel = np.flatnonzero(np.isin(beam, beams))
-            if len(sel) == 0:
-                continue
-            if rows is None:
-                key = self.state.prefix[beam[sel]] * K + codes[sel]
-                table = part.dense[self.level]
-                lo[sel], hi[sel] = table[key], table[key + 1]
-            else:
-                local = np.searchsorted(beams, beam[sel])
-                key = local * K + codes[sel]
-                left = np.searchsorted(keys, key, "left")
-                right = np.searchsorted(keys, key, "right")
-                if (right <= left).any():
-                    raise ValueError("a chosen code is not a child of its beam")
-                lo[sel], hi[sel] = rows[left], rows[right - 1] + 1
+        for group in self._groups:
+            sel = np.flatnonzero(np.isin(beam, group.beams))
+            if len(sel):
+                lo[sel], hi[sel] = group.find(np.searchsorted(group.beams, beam[sel]), codes[sel])
         # The integer prefix only serves dense levels; past them it would overflow int64.
         deepest_dense = max(len(p.dense) for p in self.trie.partitions)
         if self.level + 1 < deepest_dense:
             prefix = self.state.prefix[beam] * K + codes
         else:
             prefix = np.zeros(len(beam), dtype=np.int64)
-        return TrieState(part_of_beam, lo, hi, prefix)
-
-
-def _read(path: Path, dtype: np.dtype, shape: tuple | None, mmap: bool) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"trie file missing: {path}")
-    if path.stat().st_size == 0:
-        return np.zeros(shape if shape else (0,), dtype=dtype)
-    if mmap:
-        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
-    data = np.fromfile(path, dtype=dtype)
-    return data.reshape(shape) if shape else data
+        return TrieState(self.state.part[beam], lo, hi, prefix)

@@ -45,7 +45,8 @@ def test_fit_info_search(tables, capsys):
     assert main(["search", "--index", str(out), "--queries", str(root / "test.parquet"), "--out", str(results),
                  "-k", "5", "--beam", "10"]) == 0
     table = pq.read_table(results).to_pydict()
-    assert set(table) == {"query", "rank", "key", "item", "score"}
+    assert set(table) == {"query", "rank", "key", "item", "score", "modality"}
+    assert set(table["modality"]) <= {"image", "image_text"}
     assert set(table["query"]) == set(range(5))
     assert all(k in keys for k in table["key"])
     assert all(keys[i] == k for i, k in zip(table["item"], table["key"]))
@@ -66,8 +67,46 @@ def test_bad_row_names_file_and_row(tables, tmp_path, caplog):
 def test_every_subcommand_has_help(capsys):
     run = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage: genius" in run.stdout
-    for command in (["demo"], ["fit"], ["search"], ["info"]):
+    for command in (["demo"], ["fit"], ["search"], ["info"], ["index"], ["index", "verify"], ["index", "add"],
+                    ["index", "delete"], ["index", "compact"], ["index", "gc"], ["index", "versions"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0
-        assert f"usage: genius {command[0]}" in capsys.readouterr().out
+        assert f"usage: genius {' '.join(command)}" in capsys.readouterr().out
+
+
+def test_index_commands_update_a_fitted_index(tables, tmp_path, capsys):
+    root, data, keys = tables
+    out = tmp_path / "index"
+    assert main(["fit", "--corpus", str(root / "corpus.parquet"), "--queries", str(root / "queries.parquet"),
+                 "--out", str(out), "--quantizer-epochs", "2", "--decoder-epochs", "2", "--quiet"]) == 0
+    new = tmp_path / "new.parquet"
+    pq.write_table(pa.table({"key": ["nan", "NA"], "embedding": [r.tolist() for r in data.test_queries[:2]],
+                             "modality": ["image", "image_text"]}), new)
+    assert main(["index", "add", str(out), "--corpus", str(new)]) == 0
+    assert main(["index", "delete", str(out), "--key", keys[0], "--key", "nan"]) == 0
+    assert main(["index", "delete", str(out), "--key", "no-such-key"]) == 2
+    assert main(["index", "compact", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["index", "versions", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert "* v-3" in listing and f"{len(keys)} items (0 deleted)" in listing
+    assert main(["info", str(out)]) == 0
+    assert "image_text" in capsys.readouterr().out
+    assert main(["index", "verify", str(out), "--all"]) == 0
+    assert main(["index", "gc", str(out), "--keep", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("v-")) == ["v-3"]
+
+
+def test_fit_reads_keys_verbatim_and_refuses_duplicates(tmp_path, caplog):
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("key,text\nnan,not a number\nNA,sodium\nnull,nothing at all\n", encoding="utf-8")
+    queries = tmp_path / "queries.csv"
+    queries.write_text("text,target\nnot a number,nan\nsodium,NA\nzero,null\n", encoding="utf-8")
+    from genius.tables import read_items
+    assert read_items(queries, require_target=True).targets == ["nan", "NA", "null"]
+    assert list(read_items(corpus).items.keys) == ["nan", "NA", "null"]
+    dup = tmp_path / "dup.csv"
+    dup.write_text("key,text\nNA,a\nNA,b\n", encoding="utf-8")
+    assert main(["fit", "--corpus", str(dup), "--queries", str(queries), "--out", str(tmp_path / "x")]) == 2
+    assert f"{dup}: row 1: key 'NA' repeats row 0" in caplog.text

@@ -173,7 +173,7 @@ def test_search_path_matches_genius_index_search(single, embedded):
     assert methods["GENIUS+R (codes)"] == index.search(queries, k=10, beam_size=5, rerank_with="codes").as_lists()
     # The search index holds the pool only (the training candidates were indexed for training).
     assert len(index) == len(embedded[0].candidates)
-    assert index.item_keys == embedded[0].candidates.keys
+    assert index.items.keys(np.arange(len(index))) == list(embedded[0].candidates.keys)
 
 
 def test_report_files(single):
@@ -207,8 +207,11 @@ def test_universal_pool_and_the_no_modality_code_ablation(universal, tasks):
     assert ablated["code0_values"] == [0]
     assert ablated["sizes"]["use_modality_code"] is False
     index = report.indexes["universal [no_modality_code]"]
-    assert (index.item_codes[:, 0] == 0).all(), "code 0 must be constant without the modality code"
-    assert set(np.unique(report.indexes["universal"].item_codes[:, 0])) == {int(Modality.IMAGE), int(Modality.TEXT)}
+    rows = np.arange(len(index))
+    assert (index.item_codes(rows)[:, 0] == 0).all(), "code 0 must be constant without the modality code"
+    # ... while each item keeps its own modality.
+    assert set(np.unique(index.items.modality(rows))) == {int(Modality.IMAGE), int(Modality.TEXT)}
+    assert set(np.unique(report.indexes["universal"].item_codes(rows)[:, 0])) == {int(Modality.IMAGE), int(Modality.TEXT)}
     for task in tasks:
         row = report.get(task.name, "GENIUS+R", model="universal", pool="universal")
         assert row["recall@10"] > task.chance_recall(10) / 2

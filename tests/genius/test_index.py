@@ -2,7 +2,8 @@
 from dataclasses import replace
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.feather as feather
 import pytest
 
 from genius.index import GeniusIndex, IndexConfig
@@ -70,10 +71,28 @@ def test_fit_save_load_search_is_identical(data, index, tmp_path):
             b = loaded.search(data.test_queries[:30], k=10, beam_size=BEAM, rerank=rerank, rerank_with=rerank_with)
             assert np.array_equal(a.items, b.items)
             assert np.array_equal(a.scores, b.scores)
-    table = pq.read_table(tmp_path / "items.parquet")
-    assert table.column_names == ["item", "key", "modality", "id"]
+    # Item tables are Arrow IPC files that pyarrow (and pandas.read_feather) read as they are.
+    tables = sorted((tmp_path / "v-0" / "items").glob("*.arrow"))
+    table = pa.concat_tables([feather.read_table(t) for t in tables])
+    assert table.column_names == ["key", "modality", "id", "source", "metadata"]
     assert table.num_rows == len(data.corpus)
+    assert table.column("modality").to_pylist() == [Modality(int(m)).name.lower() for m in data.corpus.modality]
     assert len(table.column("id")[0].as_py()) == index.codec.width
+
+
+def test_modality_is_stored_per_item_not_read_from_code_0(data, tmp_path):
+    """Without the modality code every code 0 is 0; results still carry the true modality."""
+    cfg = IndexConfig.for_corpus(len(data.corpus))
+    cfg.quantizer = replace(cfg.quantizer, epochs=2, use_modality_code=False)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=2)
+    index = GeniusIndex.fit(data.corpus, data.train_queries, data.train_targets, cfg, progress=False)
+    index.save(tmp_path)
+    loaded = GeniusIndex.load(tmp_path)
+    assert (loaded.item_codes(np.arange(len(loaded)))[:, 0] == 0).all()
+    result = loaded.search(data.test_queries[:20], k=10, beam_size=BEAM, target_modalities=[Modality.IMAGE_TEXT])
+    found = result.items[result.items >= 0]
+    assert len(found) and (data.corpus.modality[found] == Modality.IMAGE_TEXT).all()
+    assert {m for row in result.modalities for m in row} == {Modality.IMAGE_TEXT}
 
 
 def test_bad_requests_are_refused_clearly(data, index, tmp_path):
@@ -81,5 +100,5 @@ def test_bad_requests_are_refused_clearly(data, index, tmp_path):
         index.search(np.zeros((1, 7), dtype=np.float32))
     with pytest.raises(ValueError, match="k must be"):
         index.search(data.test_queries[:1], k=0)
-    with pytest.raises(FileNotFoundError, match="index.json"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         GeniusIndex.load(tmp_path / "nowhere")
