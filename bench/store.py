@@ -242,15 +242,15 @@ def markdown(results: dict) -> str:
     lines = [
         "# Index store at scale (`python bench/store.py`)", "",
         f"{results['meta']['machine']}; 1 thread; 8 x 4096 codes (12-byte IDs); one first-level cell holds "
-        f"{HOT_SHARE:.0%} of the items; {results['meta']['ranges_per_modality']} partitions per modality; "
+        f"{HOT_SHARE:.0%} of the items; partitions per modality: one per 6M items (column `ranges`); "
         f"ID tables of {results['meta']['shard_rows']:,} rows.", "",
-        "| N | merge IDs/s | numpy sort IDs/s | merge_ratio | trie bytes/item | merge peak RSS | open s | "
+        "| N | ranges | merge IDs/s | numpy sort IDs/s | merge_ratio | trie bytes/item | merge peak RSS | open s | "
         "open RSS (increase) | expand ms (hot cell rows) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         lines.append(
-            f"| {r['n']:,} | {r['merge_ids_per_s']:,.0f} | {r['numpy_sort_ids_per_s']:,.0f} ({r['numpy_sort']}) | "
+            f"| {r['n']:,} | {r['ranges_per_modality']} | {r['merge_ids_per_s']:,.0f} | {r['numpy_sort_ids_per_s']:,.0f} ({r['numpy_sort']}) | "
             f"{r['merge_ratio']:.2f} | {r['bytes_per_item']:.2f} | {r['merge_peak_rss_bytes'] / 2**20:,.0f} MiB | "
             f"{r['open_s']:.3f} | {r['open_rss_bytes'] / 2**20:,.0f} MiB ({r['open_rss_increase_bytes'] / 2**20:+,.1f}) | "
             f"{r['expand_ms']:.2f} ({r['hot_cell_rows']:,}) |")
@@ -269,7 +269,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7, 1e8])
     parser.add_argument("--shard-rows", type=int, default=1_000_000, help="rows per input ID table")
-    parser.add_argument("--ranges", type=int, default=16, help="trie partitions per modality")
+    parser.add_argument("--ranges", type=int, default=None,
+                        help="trie partitions per modality (default: one per 6M items, at least 1)")
     parser.add_argument("--lookup-n", type=float, default=1e6, help="N at which Parquet lookups are compared")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "store"))
@@ -286,7 +287,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="genius-store-bench-"))
     results = {"meta": {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "levels": LEVELS,
-                        "codebook_size": CODES, "ranges_per_modality": args.ranges, "shard_rows": args.shard_rows,
+                        "codebook_size": CODES, "shard_rows": args.shard_rows,
                         "hot_share": HOT_SHARE, "notes": []},
                "runs": []}
     for size in args.sizes:
@@ -296,7 +297,9 @@ def main() -> None:
         t0 = time.perf_counter()
         write_id_tables(folder / "ids", n, args.shard_rows, args.seed)
         log.info("N=%d: ID tables written in %.1f s", n, time.perf_counter() - t0)
-        run = run_child("merge", ids=folder / "ids", index=folder / "index", ranges=args.ranges, work=folder)
+        ranges = args.ranges or max(1, min(64, n // 6_000_000))
+        run = run_child("merge", ids=folder / "ids", index=folder / "index", ranges=ranges, work=folder)
+        run["ranges_per_modality"] = ranges
         run["merge_ratio"] = run["merge_ids_per_s"] / run["numpy_sort_ids_per_s"]
         run.update(run_child("open", index=folder / "index"))
         if n == int(args.lookup_n):

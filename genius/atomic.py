@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(f)` on a temp file in the same folder, fsync it, then rename it to `path`."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], fsync: bool = True) -> None:
+    """Call `write(f)` on a temp file in the same folder, fsync it, then rename it to `path`.
+
+    fsync=False for scratch files a crash may lose (they are redone): readers still never
+    see half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

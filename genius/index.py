@@ -323,13 +323,15 @@ class GeniusIndex:
         return self.path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str = "cpu", mmap: bool = True) -> "GeniusIndex":
+    def load(cls, directory: str | os.PathLike, device: str = "cpu", mmap: bool = True,
+             verify: bool = False) -> "GeniusIndex":
         """Open INDEX (the version its CURRENT names) or one version folder INDEX/v-<n>.
 
         O(files): the trie, item tables and vectors are memory-mapped, nothing per item is
-        read. A damaged or truncated file, or an index of another format, raises
-        genius.store.IndexFormatError naming the file."""
-        version = open_version(directory, mmap=mmap)
+        read. A missing or truncated file, or an index of another format, raises
+        genius.store.IndexFormatError naming the file; verify=True also checks every
+        file's sha256 (reads the whole index)."""
+        version = open_version(directory, mmap=mmap, verify=verify)
         manifest = version.manifest
         config = IndexConfig.from_dict(manifest.config)
         config.device = device

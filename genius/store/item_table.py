@@ -65,11 +65,12 @@ def make_table(
     return pa.Table.from_arrays(columns, schema=schema(width))
 
 
-def write_item_table(path: str | os.PathLike, table: pa.Table) -> None:
+def write_item_table(path: str | os.PathLike, table: pa.Table, fsync: bool = True) -> None:
+    """One Arrow IPC file, one record batch (so that columns map to single zero-copy arrays)."""
     def write(f) -> None:
         with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table, max_chunksize=max(1, table.num_rows))
-    write_atomic(path, write)
+    write_atomic(path, write, fsync=fsync)
 
 
 def read_item_table(path: str | os.PathLike, rows: int, id_width: int) -> pa.Table:

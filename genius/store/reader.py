@@ -15,7 +15,7 @@ import numpy as np
 from genius.idcodec import IdCodec
 from genius.store.item_table import ItemTables
 from genius.store.layout import TRIE_DIR, IndexFormatError, resolve_version
-from genius.store.manifest import Manifest, check_sizes
+from genius.store.manifest import Manifest, check_sizes, verify_files
 from genius.store.vector_shards import VectorShards
 from genius.trie import Trie, read_partition
 
@@ -36,11 +36,16 @@ class StoreVersion:
         return self.trie.codec
 
 
-def open_version(path: str | os.PathLike, mmap: bool = True) -> StoreVersion:
-    """Open INDEX (its CURRENT version) or INDEX/v-<n>."""
+def open_version(path: str | os.PathLike, mmap: bool = True, verify: bool = False) -> StoreVersion:
+    """Open INDEX (its CURRENT version) or INDEX/v-<n>. verify=True also compares every file's
+    sha256 with the manifest first (reads every byte) and names the damaged files."""
     version_dir = resolve_version(path)
     manifest = Manifest.read(version_dir)
     check_sizes(version_dir, manifest)
+    if verify:
+        problems = verify_files(version_dir, manifest)
+        if problems:
+            raise IndexFormatError(f"{version_dir}: damaged files: " + "; ".join(str(p) for p in problems))
     codec = IdCodec(manifest.num_levels, manifest.codebook_size)
     if codec.width != manifest.id_width:
         raise IndexFormatError(f"{version_dir}: ID width {manifest.id_width} does not match {codec}")

@@ -34,6 +34,8 @@ def test_flipped_byte_is_found_by_verify(saved, prefix, capsys):
     path.write_bytes(bytes(data))
     report = verify_version(saved.parent)
     assert [p.file for p in report.problems] == [rel]
+    with pytest.raises(IndexFormatError, match=f"{rel}: sha256 differs"):
+        GeniusIndex.load(saved.parent, verify=True)
     assert main(["index", "verify", str(saved.parent)]) == 1
     out = capsys.readouterr().out
     assert rel in out and "sha256" in out
