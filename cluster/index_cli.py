@@ -1,5 +1,6 @@
 """`genius index ...`: look after an index folder (format v2, genius.store).
 
+    genius index build --shards P --out DIR   build on a Ray cluster (resumable)
     genius index verify DIR          sizes and sha256 of every file of the current version
     genius index versions DIR        the published versions, which one is CURRENT
     genius index add DIR --corpus T  quantize and add items (keys must be new)
@@ -115,6 +116,8 @@ def add_index_commands(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
+    add_build_command(cmds)
+
     c = cmds.add_parser("verify", help="check every file's size and sha256 against the manifest; exit 1 if damaged")
     c.add_argument("index", help="index folder (or one version folder INDEX/v-<n>)")
     c.add_argument("--all", action="store_true", help="check every published version, not only CURRENT's")
@@ -149,3 +152,58 @@ def add_index_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--staging-age", type=float, default=3600.0,
                    help="remove staging folders untouched for this many seconds (default: 3600)")
     c.set_defaults(run=_gc)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from cluster.build.pipeline import BuildConfig, build_index
+
+    config = BuildConfig(
+        shards=args.shards, out=args.out, work=args.work, address=args.address, resume=args.resume,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.num_gpus_per_actor,
+        batch_size=args.batch_size, encoder=args.encoder, pairs=args.pairs, size=args.size, levels=args.levels,
+        codebook_size=args.codebook_size, quantizer_epochs=args.quantizer_epochs, decoder_epochs=args.decoder_epochs,
+        decoder=args.decoder, ranges_per_modality=args.ranges_per_modality, train_workers=args.train_workers,
+        seed=args.seed, timeout_s=args.timeout, progress=not args.quiet,
+    )
+    result = build_index(config)
+    print(f"published {result.version}: {result.items} items")
+    if result.skipped:
+        print("skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
+    for shard in result.unreadable_shards:
+        print(f"unreadable shard (reported, not indexed): {shard}")
+    print("seconds by stage: " + ", ".join(f"{k} {v:.1f}" for k, v in result.stage_seconds.items()))
+    return 0
+
+
+def add_build_command(cmds: argparse._SubParsersAction) -> None:
+    c = cmds.add_parser(
+        "build", help="build an index from WebDataset shards on a Ray cluster (embed, train, quantize, merge, publish)",
+        description="Build an index on the Ray cluster at --address (or a local one started here): embed every "
+                    "shard (an actor pool), train the quantizer and the decoder (Ray Train), quantize, merge the "
+                    "trie partitions (one Ray task each) and publish a new version of OUT. The job folder "
+                    "records every unit; --resume skips what is done.")
+    c.add_argument("--shards", required=True, help="shard folder, glob, brace pattern (data-{000..009}.tar) or file")
+    c.add_argument("--out", required=True, help="index folder to publish into")
+    c.add_argument("--work", help="job folder (default: OUT/.build; shared storage on a real cluster)")
+    c.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    c.add_argument("--resume", action="store_true", help="continue the job in the job folder, skipping what is done")
+    c.add_argument("--actors", type=int, default=2, help="embedding and quantization actors (default: 2)")
+    c.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor = its torch threads (default: 1)")
+    c.add_argument("--num-gpus-per-actor", type=float, help="GPUs per actor, fractions allowed "
+                                                              "(default: 1 when the cluster has GPUs, else 0)")
+    c.add_argument("--batch-size", type=int, default=256, help="records embedded together (default: 256)")
+    c.add_argument("--encoder", help="stage-1 encoder folder (genius train encoder); default: the offline model")
+    c.add_argument("--pairs", help="training pairs table: query columns (text or embedding + modality) and target "
+                                   "(an item key); default: the \"queries\" lists in the shards' JSON metadata")
+    c.add_argument("--size", choices=["cpu", "paper"], default="cpu", help="as genius fit --size")
+    c.add_argument("--levels", type=int, help="semantic levels L")
+    c.add_argument("--codebook-size", type=int, help="codes per level K")
+    c.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
+    c.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
+    c.add_argument("--decoder", choices=["small", "medium", "paper"], help="decoder size (default: by --size)")
+    c.add_argument("--ranges-per-modality", type=int, default=1, help="trie partitions per modality (default: 1)")
+    c.add_argument("--train-workers", type=int, default=1, help="data-parallel decoder training workers (default: 1)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--timeout", type=float, default=3600.0, help="seconds without any unit finishing before giving up")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(run=_build)

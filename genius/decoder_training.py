@@ -38,13 +38,24 @@ def train_decoder(
     item_emb: torch.Tensor | None = None,
     item_codes: torch.Tensor | None = None,
     progress: bool = True,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    model: torch.nn.Module | None = None,
 ) -> list[dict]:
     """Cross-entropy over each level's tokens, AdamW, cosine schedule with warm-up.
 
     query_emb/target_emb: (M, D) pairs; target_codes: (M, 1+L) the targets' codes.
     item_emb/item_codes: the indexed items, used when config.index_task is set.
+    Data parallel (DDP): pass `model` (the decoder wrapped by DistributedDataParallel), this
+    process's `rank` and the `world_size`; every process draws the same permutation each epoch
+    and trains on its stride of it, batch_size / world_size rows per step, the same number of
+    steps everywhere (DDP averages the gradients).
     Returns one dict per epoch (mean loss, accuracy of the full ID under teacher forcing).
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+    forward = model if model is not None else decoder
     inputs, partners, codes = [query_emb], [target_emb], [target_codes]
     if config.index_task and item_emb is not None and item_codes is not None:
         inputs.append(item_emb)
@@ -58,30 +69,34 @@ def train_decoder(
         raise ValueError("no training pairs for the decoder")
     device = decoder.lm_head.weight.device
     gen = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    per_rank = n // world_size
+    if per_rank == 0:
+        raise ValueError(f"{n} training rows cannot be shared by {world_size} processes")
+    batch_size = max(1, math.ceil(config.batch_size / world_size))
+    steps_per_epoch = math.ceil(per_rank / batch_size)
     total = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total))
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(forward.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
     history = []
-    decoder.train()
-    bar = tqdm(total=total, desc="decoder", disable=not progress, unit="step")
+    forward.train()
+    bar = tqdm(total=total, desc="decoder", disable=not progress or rank > 0, unit="step")
     for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen)[rank::world_size][:per_rank]
         loss_sum, correct, seen = 0.0, 0, 0
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
+        for start in range(0, per_rank, batch_size):
+            idx = order[start : start + batch_size]
             x, codes_b = inputs_t[idx], codes_t[idx]
             if config.query_augmentation:
                 x = mix_towards_target(x, partners_t[idx], config.augmentation_prob, gen)
             x, codes_b = x.to(device), codes_b.to(device)
-            logits = decoder(x, codes_b)
+            logits = forward(x, codes_b)
             loss = sum(F.cross_entropy(lg, codes_b[:, l]) for l, lg in enumerate(logits)) / len(logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(forward.parameters(), config.grad_clip)
             optimizer.step()
             schedule.step()
             with torch.no_grad():
@@ -95,5 +110,5 @@ def train_decoder(
         history.append(record)
         log.debug("decoder epoch %d: %s", epoch, record)
     bar.close()
-    decoder.eval()
+    forward.eval()
     return history

@@ -23,23 +23,37 @@ def save_model(model_dir: Path, quantizer: ModalResidualQuantizer, decoder: Geni
         encoder.save(model_dir / ENCODER)
 
 
+def _load_state(module, path: Path, device: str) -> None:
+    try:
+        module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except FileNotFoundError:
+        raise IndexFormatError(f"{path}: missing") from None
+    except (RuntimeError, EOFError, ValueError, KeyError) as exc:
+        raise IndexFormatError(f"{path}: damaged or of another model shape ({str(exc).splitlines()[0]})") from None
+
+
+def load_quantizer(model_dir: Path, config: QuantizerConfig, embed_dim: int, device: str = "cpu") -> ModalResidualQuantizer:
+    quantizer = ModalResidualQuantizer.from_config(embed_dim, config)
+    _load_state(quantizer, Path(model_dir) / QUANTIZER, device)
+    return quantizer.to(device).eval()
+
+
+def load_decoder(model_dir: Path, config: DecoderConfig, embed_dim: int, num_levels: int, codebook_size: int,
+                 device: str = "cpu") -> GeniusDecoder:
+    decoder = GeniusDecoder(config, embed_dim, num_levels, codebook_size)
+    _load_state(decoder, Path(model_dir) / DECODER, device)
+    return decoder.to(device).eval()
+
+
 def load_model(model_dir: Path, quantizer_config: QuantizerConfig, decoder_config: DecoderConfig, embed_dim: int,
                has_encoder: bool, device: str = "cpu"):
     """(quantizer, decoder, encoder or None) on `device`, in eval mode."""
-    quantizer = ModalResidualQuantizer.from_config(embed_dim, quantizer_config)
-    decoder = GeniusDecoder(decoder_config, embed_dim, quantizer_config.num_levels, quantizer_config.codebook_size)
-    for module, name in ((quantizer, QUANTIZER), (decoder, DECODER)):
-        path = model_dir / name
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-            module.load_state_dict(state)
-        except FileNotFoundError:
-            raise IndexFormatError(f"{path}: missing") from None
-        except (RuntimeError, EOFError, ValueError, KeyError) as exc:
-            raise IndexFormatError(f"{path}: damaged or of another model shape ({str(exc).splitlines()[0]})") from None
+    quantizer = load_quantizer(model_dir, quantizer_config, embed_dim, device)
+    decoder = load_decoder(model_dir, decoder_config, embed_dim, quantizer_config.num_levels,
+                           quantizer_config.codebook_size, device)
     encoder = None
     if has_encoder:
         from genius.encoders import MultimodalEncoder
 
         encoder = MultimodalEncoder.load(model_dir / ENCODER)
-    return quantizer.to(device).eval(), decoder.to(device).eval(), encoder
+    return quantizer, decoder, encoder

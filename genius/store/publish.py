@@ -55,14 +55,16 @@ def current_number(root: str | os.PathLike) -> int | None:
 class VersionWriter:
     """A version under construction. Use as a context manager: an exception discards it."""
 
-    def __init__(self, root: str | os.PathLike, parent: int | None | str = "current"):
+    def __init__(self, root: str | os.PathLike, parent: int | None | str = "current", name: str | None = None):
+        """`name`: a fixed staging folder name (a resumable job reuses its folder and what is in
+        it); by default a random one."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.parent = current_number(self.root) if parent == "current" else parent
-        self.path = self.root / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-        self.path.mkdir()
+        self.path = self.root / f"{STAGING_PREFIX}{name or uuid.uuid4().hex}"
+        self.path.mkdir(exist_ok=name is not None)
         for sub in (MODEL_DIR, TRIE_DIR, ITEMS_DIR, VECTORS_DIR):
-            (self.path / sub).mkdir()
+            (self.path / sub).mkdir(exist_ok=True)
         self.published: Path | None = None
 
     def __enter__(self) -> "VersionWriter":

@@ -1,0 +1,1 @@
+"""The distributed index build: plan, job manifest, stages on Ray, merge and publish."""
