@@ -151,10 +151,11 @@ def decoder_loop(config: dict[str, Any]) -> None:
             means[m] += torch.from_numpy(vectors[rows].sum(0)) if rows.any() else 0
             counts[m] += rows.sum()
     means /= torch.from_numpy(np.maximum(counts, 1))[:, None].float()
+    tcfg = DecoderTrainConfig(**config["decoder_training"])
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every rerun
     decoder = GeniusDecoder(DecoderConfig(**config["decoder"]), config["embed_dim"], qcfg.num_levels, qcfg.codebook_size)
     decoder.init_token_embeddings(quantizer.codebooks.detach().cpu(), means)
     model = ray.train.torch.prepare_model(decoder) if world > 1 else decoder
-    tcfg = DecoderTrainConfig(**config["decoder_training"])
     history = train_decoder(
         decoder, torch.from_numpy(pairs["query"]), torch.from_numpy(pairs["target"]),
         torch.from_numpy(codes_of(pairs["target_modality"], target_ids)), tcfg,

@@ -1,0 +1,160 @@
+"""`genius index build` on a real Ray cluster (head + two worker nodes on this machine)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.feather as feather
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cluster.build.pipeline import BuildConfig, build_index  # noqa: E402
+from genius.index import GeniusIndex  # noqa: E402
+from genius.items import Items  # noqa: E402
+from tests.cluster.build_data import query_texts, write_shards  # noqa: E402
+
+EPOCHS = dict(quantizer_epochs=3, decoder_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [c.add_node(num_cpus=2) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    keys = write_shards(folder, shards=6, per_shard=15, bad=True)
+    return folder, keys
+
+
+def item_keys(version: Path) -> list[str]:
+    return [k for f in sorted((version / "items").glob("*.arrow")) for k in feather.read_table(f).column("key").to_pylist()]
+
+
+def config(shards_dir: Path, out: Path, **kwargs) -> BuildConfig:
+    return BuildConfig(shards=str(shards_dir), out=str(out), actors=2, progress=False, **{**EPOCHS, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def built(cluster, shards, tmp_path_factory):
+    folder, keys = shards
+    out = tmp_path_factory.mktemp("built") / "index"
+    return build_index(config(folder, out)), out
+
+
+def test_every_good_item_is_indexed_once_and_bad_records_are_counted(built, shards):
+    result, out = built
+    _, keys = shards
+    assert sorted(item_keys(result.version)) == sorted(keys)
+    assert result.items == len(keys)
+    # 6 shards x (a corrupt image, an empty text, a non-UTF-8 text)
+    assert result.skipped == {"bad_image": 6, "bad_text": 12}
+    job = json.loads((out / ".build" / "job.json").read_text())
+    embed_units = {k: v for k, v in job["units"].items() if k.startswith("embed:")}
+    assert len(embed_units) == 6 and all(u["skipped"] == {"bad_image": 1, "bad_text": 2} for u in embed_units.values())
+    assert set(result.stage_seconds) >= {"embed", "train_quantizer", "quantize", "merge", "train_decoder", "publish"}
+
+
+def test_built_index_finds_items_from_their_queries(built, shards):
+    result, _ = built
+    index = GeniusIndex.load(result.version.parent, verify=True)
+    probe = list(range(0, 90, 3))
+    hits = index.search(Items(texts=[query_texts(i)[0] for i in probe]), k=5)
+    recall = np.mean([f"item-{i:05d}" in row for i, row in zip(probe, hits.keys)])
+    assert recall > 0.5, recall  # chance: 5 / 90
+
+
+def test_same_trie_as_the_library_from_the_same_model(built):
+    """DDP and Ray Train aside, the merge is the library's: the built model's quantizer over the
+    built items' vectors gives the same IDs, trie and search results in one process."""
+    result, _ = built
+    index = GeniusIndex.load(result.version.parent)
+    rows = np.arange(index.items.num_items)
+    vectors = index.vectors[rows].astype(np.float32)
+    modality = index.items.modality(rows)
+    codes = index.quantizer.encode(vectors, modality).cpu().numpy()
+    local = GeniusIndex.from_codes(index.config, index.quantizer, index.decoder, codes, modality,
+                                   index.items.keys(rows), vectors)
+    assert np.array_equal(local.items.ids(rows), index.items.ids(rows))
+    queries = index.embed(Items(texts=[query_texts(i)[1] for i in range(0, 90, 5)]))
+    a, b = index.search(queries, k=5), local.search(queries, k=5)
+    assert a.keys == b.keys and np.allclose(a.scores, b.scores)
+
+
+def test_worker_node_removed_mid_build_loses_no_item(cluster, shards, tmp_path):
+    c, workers = cluster
+    folder, keys = shards
+    out = tmp_path / "index"
+    job_file = out / ".build" / "job.json"
+    removed = threading.Event()
+
+    def remove_a_node_once_embedding_started() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                units = json.loads(job_file.read_text())["units"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                units = {}
+            if any(k.startswith("embed:") for k in units):
+                c.remove_node(workers[1])
+                removed.set()
+                return
+            time.sleep(0.05)
+
+    spare = c.add_node(num_cpus=2)  # capacity for the actors of the node that goes away
+    thread = threading.Thread(target=remove_a_node_once_embedding_started)
+    thread.start()
+    try:
+        result = build_index(config(folder, out, batch_size=4))
+    finally:
+        thread.join()
+    assert removed.is_set(), "the node was not removed during the build"
+    assert sorted(item_keys(result.version)) == sorted(keys)
+    workers[1] = spare
+
+
+def test_driver_killed_and_resumed_publishes_the_same_index(cluster, built, shards, tmp_path):
+    c, _ = cluster
+    folder, _ = shards
+    out = tmp_path / "index"
+    command = [sys.executable, "-m", "cluster.cli", "index", "build", "--shards", str(folder), "--out", str(out),
+               "--address", c.address, "--quantizer-epochs", "3", "--decoder-epochs", "3", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job_file = out / ".build" / "job.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            units = json.loads(job_file.read_text())["units"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            units = {}
+        if "train:quantizer" in units:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the build ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "CURRENT").exists()
+    rerun = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    job = json.loads(job_file.read_text())
+    assert job["resumed"] == 1
+    expected = json.loads((built[0].version / "manifest.json").read_text())["files"]
+    got = json.loads((out / "v-0" / "manifest.json").read_text())["files"]
+    assert got == expected, sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
