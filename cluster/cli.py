@@ -54,7 +54,9 @@ def _fit(args: argparse.Namespace) -> int:
     config.device = args.device
     needs_encoder = corpus.embeddings is None or queries.items.embeddings is None
     encoder = None
-    if needs_encoder:
+    if args.encoder:
+        encoder = MultimodalEncoder.load(args.encoder, device=args.device)  # a stage-1 encoder
+    elif needs_encoder:
         enc_cfg = EncoderConfig(device=args.device)
         if args.encoder_model:
             enc_cfg = replace(enc_cfg, model_name=args.encoder_model, pretrained=args.encoder_pretrained)
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
+    p.add_argument("--encoder", help="a stage-1 encoder folder (what `genius train encoder` writes); "
+                                     "overrides --encoder-model")
     p.add_argument("--encoder-model", help="open_clip model name (default: the offline MiniLM + small CNN model)")
     p.add_argument("--encoder-pretrained", help="open_clip pretrained tag or local checkpoint path")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")

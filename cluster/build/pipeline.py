@@ -349,13 +349,25 @@ class Build:
         run_tasks([(u, (lambda u=u: bucket.remote(str(self._ids(u)), u, config, str(scratch)))) for u in units],
                   lambda u, r: buckets.__setitem__(u, r), "merge: buckets", self.config.timeout_s,
                   progress=self.config.progress)
+        # Keys repeated across (or within) shards: the first occurrence is kept, the others are
+        # skipped and counted, and the shards holding them are bucketed again without them.
+        found = ray.remote(max_retries=3)(m.duplicate_keys)
+        duplicates: list[m.DuplicateKey] = []
+        run_tasks([(f"keys-{k}", (lambda k=k: found.remote(sorted(b.key_files[k] for b in buckets.values()
+                                                                   if k in b.key_files))))
+                   for k in range(config.key_buckets)], lambda _, found: duplicates.extend(found), "merge: keys",
+                  self.config.timeout_s, progress=self.config.progress)
+        drop: dict[str, list[int]] = {}
+        for d in duplicates:
+            drop.setdefault(d.shard, []).append(d.row)
+        if drop:
+            log.warning("%d duplicate keys skipped (first occurrence kept), e.g. %r in %s", len(duplicates),
+                        duplicates[0].key, self.shard_of[duplicates[0].shard])
+            shutil.rmtree(scratch, ignore_errors=True)  # rebucket everything: no stale bucket files
+            run_tasks([(u, (lambda u=u: bucket.remote(str(self._ids(u)), u, config, str(scratch), drop.get(u, []))))
+                       for u in units], lambda u, r: buckets.__setitem__(u, r), "merge: buckets again",
+                      self.config.timeout_s, progress=self.config.progress)
         results = [buckets[u] for u in units]
-        shard_paths = {b.shard: self.shard_of[b.shard] for b in results}
-        check = ray.remote(max_retries=3)(m.check_key_bucket)
-        run_tasks([(f"keys-{k}", (lambda k=k: check.remote(sorted(b.key_files[k] for b in results if k in b.key_files),
-                                                            shard_paths)))
-                   for k in range(config.key_buckets)], lambda *_: None, "merge: keys", self.config.timeout_s,
-                  progress=self.config.progress)
         tasks = m.plan_partitions(results, config)
         outputs: dict[str, m.PartitionOutput] = {}
         part = ray.remote(max_retries=3)(m.merge_partition)
@@ -363,7 +375,8 @@ class Build:
                   lambda name, r: outputs.__setitem__(name, r), "merge: partitions", self.config.timeout_s,
                   progress=self.config.progress)
         merged = m.combine_outputs(tasks, [outputs[t.partition.name] for t in tasks], results)
-        self.job.finish_stage("merge", staging=str(writer.path), result=_jsonable(dataclasses.asdict(merged)))
+        self.job.finish_stage("merge", staging=str(writer.path), result=_jsonable(dataclasses.asdict(merged)),
+                              duplicate_keys={u: len(rows) for u, rows in drop.items()})
         shutil.rmtree(scratch, ignore_errors=True)
         self._time("merge", started)
 
@@ -412,6 +425,9 @@ class Build:
                 skipped[reason] = skipped.get(reason, 0) + count
             if unit.get("shard_errors"):
                 unreadable.append(self.shard_of[u])
+            dupes = self.job.data["stages"]["merge"].get("duplicate_keys", {}).get(u, 0)
+            if dupes:
+                skipped["duplicate_key"] = skipped.get("duplicate_key", 0) + dupes
         self.job.finish_stage("publish", version=str(version), skipped=skipped, unreadable=unreadable)
         return BuildResult(version, merged["num_items"], skipped, unreadable, dict(self.stage_seconds))
 

@@ -258,11 +258,17 @@ def _key_bucket(keys: pa.ChunkedArray, buckets: int) -> np.ndarray:
     return (h % np.uint64(buckets)).astype(np.int64)
 
 
-def bucket_shard(path: str | os.PathLike, shard: str, config: MergeConfig, work_dir: str | os.PathLike) -> BucketResult:
-    """Step 1 for one input table: validate it and write its rows' bucket files under `work_dir`."""
+def bucket_shard(path: str | os.PathLike, shard: str, config: MergeConfig, work_dir: str | os.PathLike,
+                 drop_rows: Sequence[int] = ()) -> BucketResult:
+    """Step 1 for one input table: validate it and write its rows' bucket files under `work_dir`.
+    `drop_rows`: rows left out (a build's duplicate keys); key-bucket rows keep input numbering."""
     work_dir = Path(work_dir)
     codec = config.codec
     table = read_id_table(path)
+    row_numbers = np.arange(table.num_rows, dtype=np.int64)
+    if len(drop_rows):
+        keep = np.setdiff1d(row_numbers, np.asarray(drop_rows, dtype=np.int64))
+        table, row_numbers = table.take(pa.array(keep)), keep
     modality, ids = _validate(path, table, codec)
     vectors = _vector_column(path, table)
     code0 = modality if config.modality_code else np.zeros_like(modality)
@@ -301,7 +307,7 @@ def bucket_shard(path: str | os.PathLike, shard: str, config: MergeConfig, work_
     key_bucket = _key_bucket(table.column("key"), config.key_buckets)
     order = np.argsort(key_bucket.astype(np.int16), kind="stable")
     ends = np.cumsum(np.bincount(key_bucket, minlength=config.key_buckets))
-    keys_only = pa.table({"key": columns["key"], "row": pa.array(np.arange(n, dtype=np.int64))}).take(pa.array(order))
+    keys_only = pa.table({"key": columns["key"], "row": pa.array(row_numbers)}).take(pa.array(order))
     for b in range(config.key_buckets):
         lo, hi = (int(ends[b - 1]) if b else 0), int(ends[b])
         if hi == lo:
@@ -343,28 +349,52 @@ def plan_partitions(results: Sequence[BucketResult], config: MergeConfig) -> lis
     return tasks
 
 
-def check_key_bucket(files: Sequence[str], shard_paths: dict[str, str]) -> None:
-    """Raise IdTableError naming both places if a key occurs twice among these bucket files."""
+@dataclass(frozen=True)
+class DuplicateKey:
+    """A repeated key: where it is first seen (smallest (shard, row)) and one later place."""
+
+    key: str
+    first_shard: str
+    first_row: int
+    shard: str
+    row: int
+
+
+def duplicate_keys(files: Sequence[str]) -> list[DuplicateKey]:
+    """Every repeated key among these key-bucket files except its first occurrence: the rows a
+    build skips as duplicates (the first one of each key is kept)."""
     keys, rows, shards = [], [], []
     for f in files:
         t = _read_bucket(f)
         keys.append(t.column("key"))
         rows.append(t.column("row").to_numpy())
-        shards.append(np.full(t.num_rows, len(shards), dtype=np.int64))
+        shards.extend([Path(f).stem] * t.num_rows)
     if not keys:
-        return
+        return []
     all_keys = pa.chunked_array([c for k in keys for c in k.chunks], pa.string())
     counts = pc.value_counts(all_keys)
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(repeated) == 0:
-        return
-    key = repeated[0].as_py()
-    where = np.flatnonzero(pc.equal(all_keys, key).to_numpy(zero_copy_only=False))[:2]
-    flat_rows, flat_shards = np.concatenate(rows), np.concatenate(shards)
-    places = [f"{shard_paths.get(Path(files[flat_shards[w]]).stem, files[flat_shards[w]])} row {int(flat_rows[w])}"
-              for w in where]
-    raise IdTableError(places[0].rsplit(" row ", 1)[0], int(flat_rows[where[0]]),
-                       f"duplicate key {key!r} (also {places[1]})")
+        return []
+    flat_rows = np.concatenate(rows)
+    hits = np.flatnonzero(pc.is_in(all_keys, value_set=repeated).to_numpy(zero_copy_only=False))
+    places = sorted((all_keys[int(i)].as_py(), shards[i], int(flat_rows[i])) for i in hits)
+    out, first = [], None
+    for key, shard, row in places:
+        if first is not None and first[0] == key:
+            out.append(DuplicateKey(key, first[1], first[2], shard, row))
+        else:
+            first = (key, shard, row)
+    return out
+
+
+def check_key_bucket(files: Sequence[str], shard_paths: dict[str, str]) -> None:
+    """Raise IdTableError naming both places if a key occurs twice among these bucket files."""
+    repeated = duplicate_keys(files)
+    if repeated:
+        d = repeated[0]
+        raise IdTableError(shard_paths.get(d.first_shard, d.first_shard), d.first_row,
+                           f"duplicate key {d.key!r} (also {shard_paths.get(d.shard, d.shard)} row {d.row})")
 
 
 # ----------------------------------------------------------------------------- step 3

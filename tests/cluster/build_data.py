@@ -56,3 +56,13 @@ def write_shards(folder: Path, shards: int = 4, per_shard: int = 20, images_ever
                 _add(tar, f"empty-text-{s}.txt", b"   ")
                 _add(tar, f"latin-text-{s}.txt", "caf\xe9".encode("latin-1"))
     return keys
+
+
+def write_awkward_shards(folder: Path, first: int) -> list[str]:
+    """Shard `first`: a record repeating the key item-00003 (skipped as a duplicate) and a new
+    one; shard `first + 1`: not a tar at all (reported, not fatal). Returns the new good keys."""
+    with tarfile.open(folder / f"shard-{first:05d}.tar", "w") as tar:
+        _add(tar, "item-00003.txt", b"the same key as a record of shard 0")
+        _add(tar, "extra-1.txt", b"an extra record after the duplicate")
+    (folder / f"shard-{first + 1:05d}.tar").write_bytes(b"this is not a tar archive " * 40)
+    return ["extra-1"]

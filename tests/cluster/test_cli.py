@@ -110,3 +110,27 @@ def test_fit_reads_keys_verbatim_and_refuses_duplicates(tmp_path, caplog):
     dup.write_text("key,text\nNA,a\nNA,b\n", encoding="utf-8")
     assert main(["fit", "--corpus", str(dup), "--queries", str(queries), "--out", str(tmp_path / "x")]) == 2
     assert f"{dup}: row 1: key 'NA' repeats row 0" in caplog.text
+
+
+def test_fit_uses_a_stage1_encoder_folder(tmp_path, capsys):
+    """`genius fit --encoder DIR` indexes with the given (stage-1) encoder and stores it."""
+    import torch
+
+    from genius.encoders import EncoderConfig, MultimodalEncoder
+    from genius.index import GeniusIndex
+
+    torch.manual_seed(123)
+    encoder = MultimodalEncoder.from_config(EncoderConfig())
+    encoder.save(tmp_path / "enc")
+    words = ["apple", "river", "candle", "mountain", "violin", "lantern", "cactus", "harbor", "meadow", "anchor"]
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("key,text\n" + "".join(f"{w},a picture of a {w}\n" for w in words), encoding="utf-8")
+    queries = tmp_path / "queries.csv"
+    queries.write_text("text,target\n" + "".join(f"the {w} again,{w}\n" for w in words), encoding="utf-8")
+    out = tmp_path / "index"
+    assert main(["fit", "--corpus", str(corpus), "--queries", str(queries), "--out", str(out), "--encoder",
+                 str(tmp_path / "enc"), "--quantizer-epochs", "2", "--decoder-epochs", "2", "--quiet"]) == 0
+    index = GeniusIndex.load(out)
+    stored = dict(index.encoder.named_parameters())
+    for name, param in encoder.named_parameters():
+        assert torch.equal(stored[name].cpu(), param.detach().cpu()), name
