@@ -4,6 +4,7 @@
     genius fit    --corpus C --queries Q --out DIR
     genius search --index DIR --text "a red bicycle"
     genius info   INDEX
+    genius search-batch --index DIR --queries TABLE|SHARDS --out DIR   on a Ray cluster
     genius index  verify|versions|add|delete|compact|gc INDEX ...
     genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
     genius train  encoder --shards DIR --out DIR   stage 1: align the encoders
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.data_cli import add_data_commands
     from cluster.eval_cli import add_eval_commands
     from cluster.index_cli import add_index_commands
+    from cluster.search_batch import add_search_batch_command
     from cluster.train_cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_info)
 
     add_index_commands(sub)
+    add_search_batch_command(sub)
     add_data_commands(sub)
     add_train_commands(sub)
     add_eval_commands(sub)

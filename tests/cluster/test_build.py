@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.feather as feather
+import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -168,3 +170,30 @@ def test_driver_killed_and_resumed_publishes_the_same_index(cluster, built, shar
     expected = json.loads((built[0].version / "manifest.json").read_text())["files"]
     got = json.loads((out / "v-0" / "manifest.json").read_text())["files"]
     assert got == expected, sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+
+
+def test_search_batch_equals_index_search_and_resumes(built, tmp_path):
+    from cluster.cli import main
+
+    result, _ = built
+    probe = list(range(0, 90, 4))
+    texts = [query_texts(i)[1] for i in probe]
+    table = tmp_path / "queries.csv"
+    table.write_text("key,text\n" + "".join(f"q{i},\"{t}\"\n" for i, t in zip(probe, texts)), encoding="utf-8")
+    out = tmp_path / "results"
+    args = ["search-batch", "--index", str(result.version.parent), "--queries", str(table), "--out", str(out),
+            "-k", "5", "--unit-rows", "7", "--quiet"]
+    assert main(args) == 0
+    parts = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("results-*.parquet"))]).to_pylist()
+    assert len(list(out.glob("results-*.parquet"))) == 4  # 23 queries in units of 7
+    expected = GeniusIndex.load(result.version.parent).search(Items(texts=texts), k=5)
+    for q, (keys, scores) in enumerate(zip(expected.keys, expected.scores)):
+        rows = sorted((r for r in parts if r["query"] == f"q{probe[q]}"), key=lambda r: r["rank"])
+        assert [r["key"] for r in rows] == keys
+        assert np.allclose([r["score"] for r in rows], scores[: len(keys)])
+        assert {r["version"] for r in rows} == {result.version.name}
+    job = json.loads((out / "job.json").read_text())
+    assert sum(u["rows"] for u in job["units"].values()) == len(probe)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("results-*.parquet")}
+    assert main(args + ["--resume"]) == 0  # nothing left to do: no unit rerun
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("results-*.parquet")} == before
