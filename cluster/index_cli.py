@@ -51,6 +51,17 @@ def _add(args: argparse.Namespace) -> int:
     from genius.index import GeniusIndex
     from genius.tables import read_items
 
+    if bool(args.corpus) == bool(args.shards):
+        raise ValueError("genius index add: give --corpus TABLE or --shards PATTERN")
+    if args.shards:
+        from cluster.build.add import add_shards
+
+        version, counts = add_shards(args.index, args.shards, address=args.address, actors=args.actors,
+                                     cpus_per_actor=args.cpus_per_actor, work=args.work, resume=args.resume,
+                                     progress=not args.quiet)
+        print(f"published {version}: {counts['added']} items added; skipped {counts['skipped'] or 'none'}; "
+              f"unreadable shards {counts['unreadable_shards'] or 'none'}")
+        return 0
     index = GeniusIndex.load(args.index, device=args.device)
     items = read_items(args.corpus).items
     new = index.add(items)
@@ -128,17 +139,26 @@ def add_index_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(run=_versions)
 
     c = cmds.add_parser("add", help="quantize items with the index's codebooks and publish a version holding them",
-                        description="Add items from a table (the columns of `genius fit --corpus`; keys must be new). "
-                                    "Texts and images are embedded with the index's stored encoder.")
+                        description="Add items from a table (the columns of `genius fit --corpus`) in this process, "
+                                    "or from WebDataset shards on a Ray cluster (--shards: embed and quantize actor "
+                                    "pools, resumable). Keys must be new. Texts and images are embedded with the "
+                                    "index's stored encoder.")
     c.add_argument("index", help="index folder")
-    c.add_argument("--corpus", required=True, help="table of new items (.parquet/.csv/.tsv)")
+    c.add_argument("--corpus", help="table of new items (.parquet/.csv/.tsv)")
+    c.add_argument("--shards", help="new WebDataset shards (folder, glob, brace pattern), embedded on the cluster")
+    c.add_argument("--address", help="Ray cluster address for --shards (default: start a local cluster)")
+    c.add_argument("--actors", type=int, default=2, help="actors for --shards (default: 2)")
+    c.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor for --shards (default: 1)")
+    c.add_argument("--work", help="job folder for --shards (default: INDEX/.add)")
+    c.add_argument("--resume", action="store_true", help="--shards: continue the job in the job folder")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     c.set_defaults(run=_add)
 
     c = cmds.add_parser("delete", help="publish a version without the items of these keys")
     c.add_argument("index", help="index folder")
     c.add_argument("--key", action="append", help="key of an item to delete (repeatable)")
-    c.add_argument("--keys-file", help="file with one key per line")
+    c.add_argument("--keys-file", "--keys", dest="keys_file", help="file with one key per line")
     c.add_argument("--missing-ok", action="store_true", help="ignore keys that are not in the index")
     c.set_defaults(run=_delete)
 

@@ -66,3 +66,11 @@ def write_awkward_shards(folder: Path, first: int) -> list[str]:
         _add(tar, "extra-1.txt", b"an extra record after the duplicate")
     (folder / f"shard-{first + 1:05d}.tar").write_bytes(b"this is not a tar archive " * 40)
     return ["extra-1"]
+
+
+def write_text_shard(path: Path, texts: dict[str, str]) -> None:
+    """One shard of text records {key: text}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, text in texts.items():
+            _add(tar, f"{key}.txt", text.encode())

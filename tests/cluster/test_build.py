@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from cluster.build.pipeline import BuildConfig, build_index  # noqa: E402
 from genius.index import GeniusIndex  # noqa: E402
 from genius.items import Items  # noqa: E402
-from tests.cluster.build_data import query_texts, write_awkward_shards, write_shards  # noqa: E402
+from tests.cluster.build_data import query_texts, write_awkward_shards, write_shards, write_text_shard  # noqa: E402
 
 EPOCHS = dict(quantizer_epochs=3, decoder_epochs=3)
 
@@ -197,3 +197,47 @@ def test_search_batch_equals_index_search_and_resumes(built, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("results-*.parquet")}
     assert main(args + ["--resume"]) == 0  # nothing left to do: no unit rerun
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("results-*.parquet")} == before
+
+
+def test_add_shards_and_delete_on_the_cluster_equal_a_rebuild(built, tmp_path):
+    import shutil
+
+    from cluster.cli import main
+
+    result, _ = built
+    root = tmp_path / "index"
+    shutil.copytree(result.version.parent, root, ignore=shutil.ignore_patterns(".build"))
+    # Shards whose keys (item-00000 ...) are in the index already: refused, nothing published.
+    write_shards(tmp_path / "again", shards=1, per_shard=3)
+    assert main(["index", "add", str(root), "--shards", str(tmp_path / "again"), "--quiet"]) == 2
+    assert (root / "CURRENT").read_text().strip() == result.version.name
+
+    texts = {f"fresh-{i}": f"a brand new {w} on the top shelf" for i, w in enumerate(["drum", "kite", "globe", "quilt"])}
+    fresh = tmp_path / "fresh"
+    write_text_shard(fresh / "fresh-0.tar", texts)
+    assert main(["index", "add", str(root), "--shards", str(fresh), "--work", str(tmp_path / "addjob"), "--quiet"]) == 0
+    added = GeniusIndex.load(root)
+    n_old = result.items
+    assert added.items.num_items == n_old + 4
+    assert added.items.keys(np.arange(n_old, n_old + 4)) == list(texts)
+
+    def rebuild(index: GeniusIndex, rows: np.ndarray) -> GeniusIndex:
+        vectors = index.vectors[rows].astype(np.float32)
+        modality = index.items.modality(rows)
+        codes = index.quantizer.encode(vectors, modality).cpu().numpy()
+        return GeniusIndex.from_codes(index.config, index.quantizer, index.decoder, codes, modality,
+                                      index.items.keys(rows), vectors)
+
+    queries = added.embed(Items(texts=["a new drum on a shelf", "the globe", *[query_texts(i)[0] for i in range(5)]]))
+    everything = rebuild(added, np.arange(n_old + 4))
+    a, b = added.search(queries, k=5), everything.search(queries, k=5)
+    assert a.keys == b.keys and np.allclose(a.scores, b.scores)
+
+    gone = ["fresh-1", "item-00002"]
+    (tmp_path / "gone.txt").write_text("\n".join(gone) + "\n")
+    assert main(["index", "delete", str(root), "--keys", str(tmp_path / "gone.txt")]) == 0
+    deleted = GeniusIndex.load(root)
+    survivors = np.array([i for i, k in enumerate(added.items.keys(np.arange(n_old + 4))) if k not in gone])
+    c, d = deleted.search(queries, k=5), rebuild(added, survivors).search(queries, k=5)
+    assert c.keys == d.keys and np.allclose(c.scores, d.scores)
+    assert not set(gone) & {k for row in c.keys for k in row}
