@@ -124,9 +124,13 @@ def main() -> None:
         embed_s = build.stage_seconds["embed"]
         encoder = MultimodalEncoder.load(build.encoder_dir)  # the very model the actors used
         bare, spread = bare_rate(encoder, records, args.batch_size)
+        # Steady state: the units' own seconds (reading, embedding, writing), without actor start-up.
+        unit_seconds = sum(u["seconds"] for u in build.job.units("embed:").values())
+        steady = n / (unit_seconds / actors)
         run = {"actors": actors, "items": n, "pipeline_items_per_s": n / embed_s, "bare_items_per_s": bare,
                "bare_spread_items_per_s": spread, "pipeline_efficiency": n / embed_s / (actors * bare),
-               "embed_seconds": embed_s}
+               "steady_items_per_s": steady, "steady_efficiency": steady / (actors * bare),
+               "embed_seconds": embed_s, "startup_seconds": embed_s - unit_seconds / actors}
         if actors == max(args.actors):  # the rest of the build, end to end
             t0 = time.perf_counter()
             result = build.run()
@@ -147,11 +151,13 @@ def main() -> None:
     lines = ["# Cluster build vs bare encoder and genius fit (`python bench/build.py`)", "",
              f"{results['meta']['machine']}; Fashion-MNIST, {n:,} image-text items; default encoder; batch "
              f"{args.batch_size}; 1 CPU = 1 torch thread per actor; bare encoder: 1 thread, records in memory.", "",
-             "| actors | pipeline items/s | bare items/s (spread) | pipeline_efficiency | embed s |",
-             "|---|---|---|---|---|"]
+             "| actors | pipeline items/s | bare items/s (spread) | pipeline_efficiency | embed s | "
+             "steady items/s (efficiency) | actor start-up s |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         lines.append(f"| {r['actors']} | {r['pipeline_items_per_s']:,.0f} | {r['bare_items_per_s']:,.0f} "
-                     f"(±{r['bare_spread_items_per_s']:,.0f}) | {r['pipeline_efficiency']:.2f} | {r['embed_seconds']:.1f} |")
+                     f"(±{r['bare_spread_items_per_s']:,.0f}) | {r['pipeline_efficiency']:.2f} | {r['embed_seconds']:.1f} | "
+                     f"{r['steady_items_per_s']:,.0f} ({r['steady_efficiency']:.2f}) | {r['startup_seconds']:.1f} |")
     for r in results["runs"]:
         if "stage_seconds" in r:
             lines += ["", f"End to end with {r['actors']} actors: `genius index build` "

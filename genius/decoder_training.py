@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ def train_decoder(
     rank: int = 0,
     world_size: int = 1,
     model: torch.nn.Module | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> list[dict]:
     """Cross-entropy over each level's tokens, AdamW, cosine schedule with warm-up.
 
@@ -51,6 +54,9 @@ def train_decoder(
     process's `rank` and the `world_size`; every process draws the same permutation each epoch
     and trains on its stride of it, batch_size / world_size rows per step, the same number of
     steps everywhere (DDP averages the gradients).
+    Resumable: `checkpoint(state)` is called after every epoch with everything the next epoch
+    needs (weights, optimizer, schedule, random generator, history); `resume=state` continues
+    from it, giving the same weights as a run that was never interrupted.
     Returns one dict per epoch (mean loss, accuracy of the full ID under teacher forcing).
     """
     if not 0 <= rank < world_size:
@@ -80,10 +86,20 @@ def train_decoder(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
-    history = []
+    history: list[dict] = []
+    first_epoch = 0
+    if resume is not None:
+        decoder.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])  # dropout draws from the global generator
+        history, first_epoch = list(resume["history"]), int(resume["epoch"])
+        log.info("decoder training resumed at epoch %d of %d", first_epoch, config.epochs)
     forward.train()
-    bar = tqdm(total=total, desc="decoder", disable=not progress or rank > 0, unit="step")
-    for epoch in range(config.epochs):
+    bar = tqdm(total=total, initial=first_epoch * steps_per_epoch, desc="decoder",
+               disable=not progress or rank > 0, unit="step")
+    for epoch in range(first_epoch, config.epochs):
         order = torch.randperm(n, generator=gen)[rank::world_size][:per_rank]
         loss_sum, correct, seen = 0.0, 0, 0
         for start in range(0, per_rank, batch_size):
@@ -109,6 +125,10 @@ def train_decoder(
         record = {"epoch": epoch, "loss": loss_sum / seen, "id_accuracy": correct / seen}
         history.append(record)
         log.debug("decoder epoch %d: %s", epoch, record)
+        if checkpoint is not None:
+            checkpoint({"epoch": epoch + 1, "model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "generator": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(), "history": history})
     bar.close()
     forward.eval()
     return history

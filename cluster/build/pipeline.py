@@ -97,9 +97,22 @@ class Build:
         self.units = [unit_name(i, s) for i, s in enumerate(self.shards)]
         self.shard_of = dict(zip(self.units, self.shards))
         settings = config.settings(self.shards)
+        if not config.resume:
+            self._clear_job_outputs()
         self.job_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.job = JobManifest.open(self.work, settings, config.resume)
         self.stage_seconds: dict[str, float] = dict(self.job.data.get("stage_seconds", {}))
+
+    JOB_OUTPUTS = ("embeddings", "ids", "model", "merge", "train", "encoder", "pairs.parquet")
+
+    def _clear_job_outputs(self) -> None:
+        """A fresh (not resumed) job starts from nothing: no stale outputs or checkpoints."""
+        for name in self.JOB_OUTPUTS:
+            path = self.work / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     # ------------------------------------------------------------------ helpers
     def _time(self, stage: str, started: float) -> None:
@@ -156,7 +169,8 @@ class Build:
             if report["shard_errors"]:
                 log.error("%s: %s", report["shard"], report["shard_errors"])
             self.job.done(f"embed:{unit}", report["output"], rows=report["rows"], skipped=report["skipped"],
-                          shard_errors=report["shard_errors"], shard=report["shard"], node=report.get("node"))
+                          shard_errors=report["shard_errors"], shard=report["shard"], node=report.get("node"),
+                          seconds=report["seconds"])
 
         run_on_actors(actors, todo, lambda a, u: a.embed.remote(self.shard_of[u], str(self._embeddings(u)),
                                                                 cfg.batch_size),
@@ -342,6 +356,9 @@ class Build:
         config = m.MergeConfig(q.num_levels, q.codebook_size, index.ranges_per_modality, q.use_modality_code,
                                index.items_per_file)
         writer = self._writer()
+        for sub in ("trie", "items", "vectors"):  # the merge restarts whole: drop a killed attempt's files
+            shutil.rmtree(writer.path / sub, ignore_errors=True)
+            (writer.path / sub).mkdir()
         scratch = self.work / "merge"
         units = self._good_units()
         buckets: dict[str, m.BucketResult] = {}

@@ -8,7 +8,8 @@ the ID tables (stage 3: the targets' codes and, for the indexing task, every ite
 Stage 2 runs on one worker: its EMA codebooks, k-means init and dead-code restarts are not
 data-parallel (each rank would restart different codes); it trains on a sample of pairs, which
 is cheap. Stage 3 (the decoder) runs data-parallel on `train_workers` workers (DDP via
-ray.train.torch.prepare_model). Rank 0 writes the weights atomically into the job's model folder.
+ray.train.torch.prepare_model) and checkpoints every epoch into the job's model folder, from
+which a rerun continues. Rank 0 writes the weights atomically into the job's model folder.
 """
 from __future__ import annotations
 
@@ -156,11 +157,21 @@ def decoder_loop(config: dict[str, Any]) -> None:
     decoder = GeniusDecoder(DecoderConfig(**config["decoder"]), config["embed_dim"], qcfg.num_levels, qcfg.codebook_size)
     decoder.init_token_embeddings(quantizer.codebooks.detach().cpu(), means)
     model = ray.train.torch.prepare_model(decoder) if world > 1 else decoder
+    # Epoch checkpoints in the job folder: a rerun (driver killed, --resume) or a restarted
+    # worker group continues from the last finished epoch with the same result.
+    ckpt = Path(config["model_dir"]) / f"decoder-checkpoint-w{world}.pt"
+    resume = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
+
+    def save_checkpoint(state: dict) -> None:
+        if rank == 0:
+            write_atomic(ckpt, lambda f: torch.save(state, f))
+
     history = train_decoder(
         decoder, torch.from_numpy(pairs["query"]), torch.from_numpy(pairs["target"]),
         torch.from_numpy(codes_of(pairs["target_modality"], target_ids)), tcfg,
         item_emb=torch.from_numpy(np.concatenate(item_vectors)), item_codes=torch.from_numpy(np.concatenate(item_codes)),
         progress=False, rank=rank, world_size=world, model=model if world > 1 else None,
+        checkpoint=save_checkpoint, resume=resume,
     )
     if rank == 0:
         out = Path(config["model_dir"])

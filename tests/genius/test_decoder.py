@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -65,3 +67,30 @@ def test_named_sizes():
     assert DecoderConfig.small().d_model < medium.d_model < DecoderConfig().d_model
     with pytest.raises(ValueError, match="unknown decoder size"):
         DecoderConfig.named("huge")
+
+
+def test_decoder_training_resumes_from_an_epoch_checkpoint_bit_for_bit():
+    """Stopping after an epoch and resuming from its checkpoint gives the uninterrupted weights."""
+    from genius.decoder import DecoderConfig, GeniusDecoder
+    from genius.decoder_training import DecoderTrainConfig, train_decoder
+
+    gen = torch.Generator().manual_seed(0)
+    q, t = torch.randn(96, 16, generator=gen), torch.randn(96, 16, generator=gen)
+    codes = torch.cat([torch.zeros(96, 1, dtype=torch.long), torch.randint(0, 8, (96, 3), generator=gen)], 1)
+    config = DecoderTrainConfig(epochs=4, batch_size=32, lr=1e-2)
+
+    def fresh():
+        torch.manual_seed(1)
+        return GeniusDecoder(DecoderConfig.small(), 16, 3, 8)
+
+    straight = fresh()
+    train_decoder(straight, q, t, codes, config, progress=False)
+    saved = []
+    first = fresh()
+    train_decoder(first, q, t, codes, DecoderTrainConfig(**{**config.__dict__, "epochs": 4}), progress=False,
+                  checkpoint=lambda state: saved.append(copy.deepcopy(state)))
+    resumed = fresh()  # a new process would start from fresh weights, then load the checkpoint
+    history = train_decoder(resumed, q, t, codes, config, progress=False, resume=saved[1])
+    assert len(history) == 4 and saved[1]["epoch"] == 2
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
