@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -14,6 +15,48 @@ from genius.augment import mix_towards_target
 from genius.decoder import GeniusDecoder
 
 log = logging.getLogger(__name__)
+
+
+class _Rows:
+    """Training rows from several sources (the pairs, then the items) gathered a batch at a
+    time: (input, partner, codes) of row numbers, as float32/long tensors."""
+
+    def __init__(self, inputs, partners, codes):
+        self.sources: list[tuple] = []
+        self.starts = [0]
+        self.add(inputs, partners, codes)
+
+    def add(self, inputs, partners, codes) -> None:
+        if not (len(inputs) == len(partners) == len(codes)):
+            raise ValueError(f"training rows differ in length: {len(inputs)}, {len(partners)}, {len(codes)}")
+        self.sources.append((inputs, partners, codes))
+        self.starts.append(self.starts[-1] + len(inputs))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = idx.numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        parts: list[list[torch.Tensor]] = [[], [], []]
+        order = []
+        for s, (inputs, partners, codes) in enumerate(self.sources):
+            lo, hi = self.starts[s], self.starts[s + 1]
+            where = np.flatnonzero((idx >= lo) & (idx < hi))
+            if len(where) == 0:
+                continue
+            local = idx[where] - lo
+            for j, source in enumerate((inputs, partners, codes)):
+                parts[j].append(_rows_of(source, local))
+            order.append(where)
+        back = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
+        x, partner, codes_b = (torch.cat(p)[back] for p in parts)
+        return x.float(), partner.float(), codes_b.long()
+
+
+def _rows_of(source, local: np.ndarray) -> torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        return source[torch.from_numpy(local)]
+    return torch.from_numpy(np.ascontiguousarray(source[local]))
 
 
 @dataclass
@@ -36,8 +79,8 @@ def train_decoder(
     target_emb: torch.Tensor,
     target_codes: torch.Tensor,
     config: DecoderTrainConfig,
-    item_emb: torch.Tensor | None = None,
-    item_codes: torch.Tensor | None = None,
+    item_emb: torch.Tensor | np.ndarray | None = None,
+    item_codes: torch.Tensor | np.ndarray | None = None,
     progress: bool = True,
     *,
     rank: int = 0,
@@ -49,7 +92,8 @@ def train_decoder(
     """Cross-entropy over each level's tokens, AdamW, cosine schedule with warm-up.
 
     query_emb/target_emb: (M, D) pairs; target_codes: (M, 1+L) the targets' codes.
-    item_emb/item_codes: the indexed items, used when config.index_task is set.
+    item_emb/item_codes: the indexed items, used when config.index_task is set; numpy arrays
+    (e.g. memory-mapped files) are read a batch at a time, so the items need not fit in memory.
     Data parallel (DDP): pass `model` (the decoder wrapped by DistributedDataParallel), this
     process's `rank` and the `world_size`; every process draws the same permutation each epoch
     and trains on its stride of it, batch_size / world_size rows per step, the same number of
@@ -62,15 +106,10 @@ def train_decoder(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
     forward = model if model is not None else decoder
-    inputs, partners, codes = [query_emb], [target_emb], [target_codes]
+    rows = _Rows(query_emb, target_emb, target_codes)
     if config.index_task and item_emb is not None and item_codes is not None:
-        inputs.append(item_emb)
-        partners.append(item_emb)
-        codes.append(item_codes)
-    inputs_t = torch.cat(inputs).float()
-    partners_t = torch.cat(partners).float()
-    codes_t = torch.cat(codes).long()
-    n = len(inputs_t)
+        rows.add(item_emb, item_emb, item_codes)
+    n = len(rows)
     if n == 0:
         raise ValueError("no training pairs for the decoder")
     device = decoder.lm_head.weight.device
@@ -104,9 +143,9 @@ def train_decoder(
         loss_sum, correct, seen = 0.0, 0, 0
         for start in range(0, per_rank, batch_size):
             idx = order[start : start + batch_size]
-            x, codes_b = inputs_t[idx], codes_t[idx]
+            x, partner, codes_b = rows.take(idx)
             if config.query_augmentation:
-                x = mix_towards_target(x, partners_t[idx], config.augmentation_prob, gen)
+                x = mix_towards_target(x, partner, config.augmentation_prob, gen)
             x, codes_b = x.to(device), codes_b.to(device)
             logits = forward(x, codes_b)
             loss = sum(F.cross_entropy(lg, codes_b[:, l]) for l, lg in enumerate(logits)) / len(logits)

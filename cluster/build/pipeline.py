@@ -398,13 +398,20 @@ class Build:
         self._time("merge", started)
 
     def train_decoder(self) -> None:
-        from cluster.build.training import decoder_loop, run_trainer
+        from cluster.build.training import decoder_loop, prepare_item_arrays, run_trainer
 
         if self.job.is_done("train:decoder"):
             return
         started = time.perf_counter()
         index = self.index_config()
-        run_trainer(decoder_loop, self._trainer_config(index), self.config.train_workers, self._gpus_per_actor() > 0,
+        arrays = self.work / "train" / "items"
+        if not self.job.is_done("items-for-training"):
+            q = index.quantizer
+            prepare_item_arrays([self._ids(u) for u in self._good_units()], q.num_levels, q.codebook_size,
+                                q.use_modality_code, arrays)
+            self.job.done("items-for-training", arrays / "item-codes.npy")
+        config = {**self._trainer_config(index), "item_arrays": str(arrays.resolve())}
+        run_trainer(decoder_loop, config, self.config.train_workers, self._gpus_per_actor() > 0,
                     self.work / "train", f"decoder-{self.job_id}")
         self.job.done("train:decoder", self.work / "model" / "decoder.pt")
         self._time("train_decoder", started)

@@ -25,6 +25,43 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.parquet"
+ITEM_VECTORS, ITEM_CODES, MODALITY_MEANS = "item-vectors.npy", "item-codes.npy", "modality-means.npy"
+
+
+def prepare_item_arrays(id_tables: list[Path], num_levels: int, codebook_size: int, use_modality_code: bool,
+                        out: Path) -> None:
+    """Stream the ID tables (one at a time) into memory-mapped arrays for stage 3: fp16 vectors,
+    codes (code 0 first), and the mean vector of each modality (the decoder's token init)."""
+    from genius.atomic import write_atomic
+    from genius.idcodec import IdCodec
+    from genius.shard_jobs import read_modality, read_vectors
+
+    codec = IdCodec(num_levels, codebook_size)
+    n = sum(pq.ParquetFile(t).metadata.num_rows for t in id_tables)
+    dim = pq.read_schema(id_tables[0]).field("vector").type.list_size
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_vectors, tmp_codes = out / f".{ITEM_VECTORS}.tmp", out / f".{ITEM_CODES}.tmp"
+    vectors = np.lib.format.open_memmap(tmp_vectors, mode="w+", dtype=np.float16, shape=(n, dim))
+    codes = np.lib.format.open_memmap(tmp_codes, mode="w+", dtype=np.int32, shape=(n, 1 + num_levels))
+    sums, counts = np.zeros((3, dim)), np.zeros(3)
+    row = 0
+    for path in id_tables:
+        table = pq.read_table(path, columns=["modality", "id", "vector"])
+        v, m = read_vectors(table), read_modality(table)
+        ids = np.frombuffer(table.column("id").combine_chunks().buffers()[1], dtype=np.uint8)[: len(table) * codec.width]
+        code0 = m if use_modality_code else np.zeros_like(m)
+        vectors[row : row + len(table)] = v
+        codes[row : row + len(table)] = np.concatenate([code0[:, None], codec.unpack(ids.reshape(-1, codec.width))], 1)
+        for k in range(3):
+            sums[k] += v[m == k].sum(0)
+            counts[k] += (m == k).sum()
+        row += len(table)
+    vectors.flush()
+    codes.flush()
+    del vectors, codes
+    tmp_vectors.replace(out / ITEM_VECTORS)
+    tmp_codes.replace(out / ITEM_CODES)
+    write_atomic(out / MODALITY_MEANS, lambda f: np.save(f, (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)))
 
 
 def _lookup(tables: list[Path], keys: list[str], columns: list[str]) -> dict[str, dict[str, Any]]:
@@ -121,7 +158,6 @@ def decoder_loop(config: dict[str, Any]) -> None:
     from genius.decoder_training import DecoderTrainConfig, train_decoder
     from genius.idcodec import IdCodec
     from genius.quantizer import QuantizerConfig
-    from genius.shard_jobs import read_modality, read_vectors
     from genius.store.model_files import load_quantizer
 
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -139,19 +175,12 @@ def decoder_loop(config: dict[str, Any]) -> None:
 
     pairs = load_pairs(work, id_tables, ["id"])
     target_ids = np.frombuffer(b"".join(pairs["id"]), dtype=np.uint8).reshape(-1, codec.width)
-    item_vectors, item_codes, means = [], [], torch.zeros(3, config["embed_dim"])
-    counts = np.zeros(3)
-    for path in id_tables:
-        table = pq.read_table(path, columns=["modality", "id", "vector"])
-        vectors, modality = read_vectors(table), read_modality(table)
-        ids = np.frombuffer(table.column("id").combine_chunks().buffers()[1], dtype=np.uint8)[: len(table) * codec.width]
-        item_vectors.append(vectors)
-        item_codes.append(codes_of(modality, ids.reshape(-1, codec.width)))
-        for m in range(3):
-            rows = modality == m
-            means[m] += torch.from_numpy(vectors[rows].sum(0)) if rows.any() else 0
-            counts[m] += rows.sum()
-    means /= torch.from_numpy(np.maximum(counts, 1))[:, None].float()
+    # Every item's vector and codes, memory-mapped (written by prepare_item_arrays): the indexing
+    # task reads them a batch at a time instead of holding the corpus in each worker's memory.
+    arrays = Path(config["item_arrays"])
+    item_vectors = np.load(arrays / ITEM_VECTORS, mmap_mode="r")
+    item_codes = np.load(arrays / ITEM_CODES, mmap_mode="r")
+    means = torch.from_numpy(np.load(arrays / MODALITY_MEANS)).float()
     tcfg = DecoderTrainConfig(**config["decoder_training"])
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every rerun
     decoder = GeniusDecoder(DecoderConfig(**config["decoder"]), config["embed_dim"], qcfg.num_levels, qcfg.codebook_size)
@@ -169,8 +198,7 @@ def decoder_loop(config: dict[str, Any]) -> None:
     history = train_decoder(
         decoder, torch.from_numpy(pairs["query"]), torch.from_numpy(pairs["target"]),
         torch.from_numpy(codes_of(pairs["target_modality"], target_ids)), tcfg,
-        item_emb=torch.from_numpy(np.concatenate(item_vectors)), item_codes=torch.from_numpy(np.concatenate(item_codes)),
-        progress=False, rank=rank, world_size=world, model=model if world > 1 else None,
+        item_emb=item_vectors, item_codes=item_codes, progress=False, rank=rank, world_size=world, model=model if world > 1 else None,
         checkpoint=save_checkpoint, resume=resume,
     )
     if rank == 0:

@@ -13,7 +13,6 @@ from genius.idcodec import IdCodec
 from genius.index import GeniusIndex, publish_merged
 from genius.modality import Modality
 from genius.store.item_table import ItemTables
-from genius.store.manifest import RangeFile
 from genius.store.merge import IdTableError, MergeConfig, merge_id_tables
 from genius.trie import read_partition
 
