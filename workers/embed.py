@@ -47,5 +47,12 @@ class EmbedWorker:
         """Query texts of training pairs -> (n, D) float32."""
         return self.encoder.encode_text(texts).numpy()
 
+    def embed_queries(self, texts: list | None, images: list | None) -> np.ndarray:
+        """Training queries with text, image bytes or both per row -> (n, D) float32."""
+        from genius.index import embed_items
+        from genius.items import Items
+
+        return embed_items(Items(texts=texts, images=images), self.encoder)
+
     def embed_dim(self) -> int:
         return self.encoder.embed_dim

@@ -270,17 +270,22 @@ class Build:
 
     def _pairs_from_table(self, path: str) -> tuple[np.ndarray, list[str], list[str]]:
         from genius.modality import Modality
-        from genius.tables import TableError, read_items
+        from genius.tables import read_items
 
         table = read_items(path, require_target=True)
         items = table.items
         if items.embeddings is not None:
             vectors = items.embeddings
-        elif items.images is not None and any(i is not None for i in items.images):
-            raise TableError(path, None, "image queries in --pairs are not supported by the build yet: "
-                                         "give texts or an embedding column")
-        else:
-            vectors = self._embed_texts(list(items.texts))
+        else:  # texts, images (file paths in the table) or both per row, embedded by an actor
+            import ray
+
+            actor = self._text_embedder()
+            try:
+                vectors = ray_get(actor.embed_queries.remote(
+                    None if items.texts is None else list(items.texts),
+                    None if items.images is None else list(items.images)), self.config.timeout_s)
+            finally:
+                ray.kill(actor)
         return vectors, [Modality(int(m)).name.lower() for m in items.modality], list(table.targets)
 
     def _pairs_from_metadata(self) -> tuple[np.ndarray, list[str], list[str]]:

@@ -241,3 +241,24 @@ def test_add_shards_and_delete_on_the_cluster_equal_a_rebuild(built, tmp_path):
     c, d = deleted.search(queries, k=5), rebuild(added, survivors).search(queries, k=5)
     assert c.keys == d.keys and np.allclose(c.scores, d.scores)
     assert not set(gone) & {k for row in c.keys for k in row}
+
+
+def test_pairs_table_with_text_and_image_queries(cluster, tmp_path):
+    """--pairs: query texts, query images (file paths) and image-text queries, embedded on the cluster."""
+    from tests.cluster.build_data import png
+
+    folder = tmp_path / "shards"
+    keys = write_shards(folder, shards=2, per_shard=10, images_every=2)
+    for i in range(3):
+        (tmp_path / f"q{i}.png").write_bytes(png(i * 2))
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({
+        "text": [query_texts(4)[0], None, "this one", *[query_texts(i)[1] for i in range(10, 20)]],
+        "image": [None, "q1.png", "q2.png", *[None] * 10],
+        "target": ["item-00004", "item-00002", "item-00004", *[f"item-{i:05d}" for i in range(10, 20)]],
+    }), pairs)
+    result = build_index(config(folder, tmp_path / "index", pairs=str(pairs)))
+    assert sorted(item_keys(result.version)) == sorted(keys)
+    table = pq.read_table(tmp_path / "index" / ".build" / "pairs.parquet").to_pylist()
+    assert [r["query_modality"] for r in table[:3]] == ["text", "image", "image_text"]
+    assert len(table) == 13 and all(len(r["query_vector"]) == len(table[0]["query_vector"]) for r in table)
