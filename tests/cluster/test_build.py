@@ -262,3 +262,17 @@ def test_pairs_table_with_text_and_image_queries(cluster, tmp_path):
     table = pq.read_table(tmp_path / "index" / ".build" / "pairs.parquet").to_pylist()
     assert [r["query_modality"] for r in table[:3]] == ["text", "image", "image_text"]
     assert len(table) == 13 and all(len(r["query_vector"]) == len(table[0]["query_vector"]) for r in table)
+
+
+def test_decoder_trains_data_parallel_on_two_workers(cluster, tmp_path):
+    folder = tmp_path / "shards"
+    keys = write_shards(folder, shards=2, per_shard=12, images_every=0)
+    out = tmp_path / "index"
+    result = build_index(config(folder, out, train_workers=2, decoder_epochs=6))
+    assert sorted(item_keys(result.version)) == sorted(keys)
+    state = __import__("torch").load(out / ".build" / "model" / "decoder-checkpoint-w2.pt", weights_only=False)
+    assert state["epoch"] == 6 and state["history"][-1]["loss"] < state["history"][0]["loss"]
+    index = GeniusIndex.load(out)
+    probe = list(range(0, 24, 2))
+    hits = index.search(Items(texts=[query_texts(i)[0] for i in probe]), k=5)
+    assert np.mean([f"item-{i:05d}" in row for i, row in zip(probe, hits.keys)]) > 5 / 24
