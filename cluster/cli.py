@@ -5,6 +5,7 @@
     genius search --index DIR --text "a red bicycle"
     genius info   INDEX
     genius search-batch --index DIR --queries TABLE|SHARDS --out DIR   on a Ray cluster
+    genius serve  shard|replica|local --index DIR     gRPC servers;  genius query --address HOST:PORT --text ...
     genius index  verify|versions|add|delete|compact|gc INDEX ...
     genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
     genius train  encoder --shards DIR --out DIR   stage 1: align the encoders
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.eval_cli import add_eval_commands
     from cluster.index_cli import add_index_commands
     from cluster.search_batch import add_search_batch_command
+    from cluster.serve_cli import add_serve_commands
     from cluster.train_cli import add_train_commands
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_commands(sub)
     add_search_batch_command(sub)
+    add_serve_commands(sub)
     add_data_commands(sub)
     add_train_commands(sub)
     add_eval_commands(sub)

@@ -1,0 +1,91 @@
+"""`genius serve shard|replica|local` and `genius query`: the gRPC servers and a command-line client."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("genius.serve")
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from cluster.serve import serve_shard, wait_for_termination
+
+    server, port = serve_shard(args.index, args.range, args.listen)
+    print(f"shard {args.range} of {args.index} serving on port {port}", flush=True)
+    wait_for_termination([server])
+    return 0
+
+
+def _replica(args: argparse.Namespace) -> int:
+    from cluster.serve import read_shard_map, serve_replica, wait_for_termination
+
+    server, port = serve_replica(args.index, read_shard_map(args.shards), args.listen)
+    print(f"search replica of {args.index} serving on port {port}", flush=True)
+    wait_for_termination([server])
+    return 0
+
+
+def _local(args: argparse.Namespace) -> int:
+    from cluster.serve import serve_local, wait_for_termination
+
+    cluster = serve_local(args.index, args.listen)
+    print(f"search replica on {cluster.address} with {len(cluster.shards)} shard servers "
+          f"({', '.join(f'{k}: {v[0]}' for k, v in cluster.shard_map.items())})", flush=True)
+    wait_for_termination([cluster.replica, *cluster.shards])
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto.genius.v1 import search_pb2, search_pb2_grpc
+
+    image = open(args.image, "rb").read() if args.image else b""
+    names = {"image": search_pb2.IMAGE, "text": search_pb2.TEXT, "image_text": search_pb2.IMAGE_TEXT}
+    request = search_pb2.SearchRequest(query=search_pb2.Query(text=args.text or "", image=image), k=args.k,
+                                       beam_size=args.beam or 0, no_rerank=args.no_rerank,
+                                       target_modalities=[names[m] for m in args.modality or []])
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = search_pb2_grpc.SearchServiceStub(channel).Search(request, timeout=args.timeout)
+        except grpc.RpcError as err:
+            log.error("%s: %s", err.code().name, err.details())
+            return 2
+    flag = f"  PARTIAL: shards {', '.join(reply.missing_shards)} did not answer" if reply.partial else ""
+    print(f"index {reply.index_version}{flag}")
+    for rank, hit in enumerate(reply.hits, 1):
+        print(f"  {rank:3d}. {hit.key}  [{search_pb2.Modality.Name(hit.modality).lower()}]  {hit.score:.4f}")
+    return 0
+
+
+def add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run gRPC search replicas and shard servers",
+                       description="gRPC servers (genius.v1 SearchService / ShardService, grpc.health.v1, "
+                                   "server reflection). Stop with SIGTERM or Ctrl-C.")
+    cmds = p.add_subparsers(dest="serve_command", required=True, metavar="ROLE")
+    c = cmds.add_parser("shard", help="serve one vector shard (an item-number range) for re-ranking")
+    c.add_argument("--index", required=True, help="index folder (its CURRENT version) or a version folder")
+    c.add_argument("--range", type=int, required=True, help="vector shard number (genius info lists them)")
+    c.add_argument("--listen", default="0.0.0.0:50052", help="address to listen on (default: 0.0.0.0:50052)")
+    c.set_defaults(run=_shard)
+    c = cmds.add_parser("replica", help="serve search: encode, beam search, scatter to shard servers, gather")
+    c.add_argument("--index", required=True, help="index folder (its CURRENT version) or a version folder")
+    c.add_argument("--shards", required=True, help='shard map JSON: {"<start>-<end>": ["host:port", ...]}')
+    c.add_argument("--listen", default="0.0.0.0:50051", help="address to listen on (default: 0.0.0.0:50051)")
+    c.set_defaults(run=_replica)
+    c = cmds.add_parser("local", help="a replica plus every shard server on this machine (development, demo)")
+    c.add_argument("--index", required=True, help="index folder")
+    c.add_argument("--listen", default="127.0.0.1:50051", help="replica address (default: 127.0.0.1:50051)")
+    c.set_defaults(run=_local)
+
+    q = sub.add_parser("query", help="send one query to a search replica and print the hits")
+    q.add_argument("--address", default="127.0.0.1:50051", help="replica address (default: 127.0.0.1:50051)")
+    q.add_argument("--text", help="query text")
+    q.add_argument("--image", help="query image file (with --text: an image-text query)")
+    q.add_argument("-k", "--k", type=int, default=10, help="results (default: 10)")
+    q.add_argument("--beam", type=int, help="beam size (default: the index's)")
+    q.add_argument("--modality", action="append", choices=["image", "text", "image_text"],
+                   help="only items of this modality (repeatable)")
+    q.add_argument("--no-rerank", action="store_true", help="rank by beam score only")
+    q.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)")
+    q.set_defaults(run=_query)

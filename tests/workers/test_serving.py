@@ -1,0 +1,145 @@
+"""gRPC serving on 127.0.0.1: a replica and shard servers on ephemeral ports, a real index."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.serve import serve_local
+from genius.encoders import EncoderConfig, MultimodalEncoder
+from genius.index import GeniusIndex, IndexConfig
+from genius.items import Items
+from proto.genius.v1 import search_pb2, search_pb2_grpc
+
+WORDS = ["apple", "river", "candle", "mountain", "violin", "lantern", "cactus", "harbor", "meadow", "anchor",
+         "bicycle", "teapot", "kayak", "compass", "windmill", "umbrella", "saxophone", "backpack", "hammock", "globe"]
+
+
+@pytest.fixture(scope="module")
+def index_root(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    encoder = MultimodalEncoder.from_config(EncoderConfig())
+    texts = [f"a photo of a {w} number {i}" for i in range(3) for w in WORDS]
+    corpus = Items(texts=texts, keys=[f"{w}-{i}" for i in range(3) for w in WORDS])
+    queries = Items(texts=[f"the {w} again, {i}" for i in range(3) for w in WORDS])
+    cfg = IndexConfig.for_corpus(len(texts))
+    cfg.quantizer = replace(cfg.quantizer, epochs=3)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=3)
+    cfg.items_per_file = 25  # three vector shards -> three shard servers
+    index = GeniusIndex.fit(corpus, queries, np.arange(len(texts)), cfg, encoder=encoder, progress=False)
+    root = tmp_path_factory.mktemp("served") / "index"
+    index.save(root)
+    return root
+
+
+@pytest.fixture
+def served(index_root):
+    cluster = serve_local(str(index_root))
+    channel = grpc.insecure_channel(cluster.address)
+    yield cluster, search_pb2_grpc.SearchServiceStub(channel), channel
+    channel.close()
+    cluster.stop(0)
+
+
+def request(text: str, k: int = 5, **kwargs) -> search_pb2.SearchRequest:
+    return search_pb2.SearchRequest(query=search_pb2.Query(text=text), k=k, **kwargs)
+
+
+def test_served_results_equal_the_library(served, index_root):
+    cluster, stub, _ = served
+    assert len(cluster.shards) == 3
+    index = GeniusIndex.load(index_root)
+    for text in ["a picture of an apple", "violin music", "a boat on the river"]:
+        for no_rerank in (False, True):
+            reply = stub.Search(request(text, beam_size=20, no_rerank=no_rerank), timeout=30)
+            expected = index.search(Items(texts=[text]), k=5, beam_size=20, rerank=not no_rerank)
+            assert [h.key for h in reply.hits] == expected.keys[0]
+            assert np.allclose([h.score for h in reply.hits], expected.scores[0][: len(reply.hits)], atol=1e-5)
+            assert reply.index_version == "v-0" and not reply.partial
+    stream = list(stub.SearchStream(iter([request("apple"), request("globe")]), timeout=30))
+    assert [r.hits[0].key for r in stream] == [stub.Search(request(t), timeout=30).hits[0].key for t in ("apple", "globe")]
+
+
+def test_a_shard_down_gives_flagged_partial_results(served):
+    cluster, stub, _ = served
+    first = min(cluster.shard_map, key=lambda n: int(n.split("-")[0]))  # items 0..24
+    end = int(first.split("-")[1])
+    query = request("a photo of a apple number 0", k=10, beam_size=30)
+    full = stub.Search(query, timeout=30)
+    assert not full.partial and any(h.item < end for h in full.hits)
+    cluster.shards[0].stop(0).wait()
+    reply = stub.Search(query, timeout=30)
+    assert reply.partial and list(reply.missing_shards) == [first]
+    assert reply.hits and all(h.item >= end for h in reply.hits)
+
+
+@pytest.mark.parametrize("req, message", [
+    (search_pb2.SearchRequest(), "empty query"),
+    (search_pb2.SearchRequest(query=search_pb2.Query(text="   ")), "empty query"),
+    (search_pb2.SearchRequest(query=search_pb2.Query(image=b"\x89PNG\r\n\x1a\n broken")), "image: cannot decode"),
+    (search_pb2.SearchRequest(query=search_pb2.Query(text="x" * 5000)), "over the limit"),
+    (search_pb2.SearchRequest(query=search_pb2.Query(text="apple"), k=100000), "k must lie in"),
+    (search_pb2.SearchRequest(query=search_pb2.Query(text="apple"), beam_size=5000), "beam_size must lie in"),
+    (search_pb2.SearchRequest(query=search_pb2.Query(text="apple"), target_modalities=[7]), "unknown modality"),
+])
+def test_bad_requests_are_invalid_argument(served, req, message):
+    _, stub, _ = served
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Search(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert stub.Search(request("apple"), timeout=30).hits  # the server is still fine
+
+
+def test_health_and_modality_filter(served):
+    _, stub, channel = served
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="genius.v1.SearchService"), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    reply = stub.Search(request("apple", target_modalities=[search_pb2.IMAGE]), timeout=30)
+    assert list(reply.hits) == []  # a text-only index has no image items
+    reply = stub.Search(request("apple", target_modalities=[search_pb2.TEXT]), timeout=30)
+    assert reply.hits and all(h.modality == search_pb2.TEXT for h in reply.hits)
+
+
+def test_committed_stubs_are_current(tmp_path):
+    from proto.generate import ROOT, generate
+
+    generate(tmp_path)
+    for name in ("search_pb2.py", "search_pb2_grpc.py", "search_pb2.pyi"):
+        fresh = (tmp_path / "proto" / "genius" / "v1" / name).read_text()
+        assert fresh == (ROOT / "proto" / "genius" / "v1" / name).read_text(), f"{name}: run python proto/generate.py"
+
+
+def test_query_command_against_serve_local_in_a_subprocess(index_root):
+    """`genius serve local` as a real process, `genius query` as a client, SIGTERM to stop."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "local", "--index", str(index_root),
+                               "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "search replica on" in server.stdout.readline()
+        run = subprocess.run([sys.executable, "-m", "cluster.cli", "query", "--address", f"127.0.0.1:{port}",
+                              "--text", "a photo of a violin", "-k", "3"], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("index v-0") and "violin" in run.stdout
+        bad = subprocess.run([sys.executable, "-m", "cluster.cli", "query", "--address", f"127.0.0.1:{port}",
+                              "--text", "   "], capture_output=True, text=True, env=env, timeout=120)
+        assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "empty query" in bad.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
