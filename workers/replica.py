@@ -9,7 +9,6 @@ listed with several addresses fails over to the next.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
