@@ -10,7 +10,9 @@ log = logging.getLogger("genius.serve")
 def _shard(args: argparse.Namespace) -> int:
     from cluster.serve import serve_shard, wait_for_termination
 
-    server, port = serve_shard(args.index, args.range, args.listen)
+    from cluster.serve import ServerOptions
+
+    server, port = serve_shard(args.index, args.range, args.listen, ServerOptions.from_args(args))
     print(f"shard {args.range} of {args.index} serving on port {port}", flush=True)
     wait_for_termination([server])
     return 0
@@ -19,7 +21,9 @@ def _shard(args: argparse.Namespace) -> int:
 def _replica(args: argparse.Namespace) -> int:
     from cluster.serve import read_shard_map, serve_replica, wait_for_termination
 
-    server, port = serve_replica(args.index, read_shard_map(args.shards), args.listen)
+    from cluster.serve import ServerOptions
+
+    server, port = serve_replica(args.index, read_shard_map(args.shards), args.listen, ServerOptions.from_args(args))
     print(f"search replica of {args.index} serving on port {port}", flush=True)
     wait_for_termination([server])
     return 0
@@ -28,7 +32,9 @@ def _replica(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from cluster.serve import serve_local, wait_for_termination
 
-    cluster = serve_local(args.index, args.listen)
+    from cluster.serve import ServerOptions
+
+    cluster = serve_local(args.index, args.listen, ServerOptions.from_args(args))
     print(f"search replica on {cluster.address} with {len(cluster.shards)} shard servers "
           f"({', '.join(f'{k}: {v[0]}' for k, v in cluster.shard_map.items())})", flush=True)
     wait_for_termination([cluster.replica, *cluster.shards])
@@ -45,9 +51,14 @@ def _query(args: argparse.Namespace) -> int:
     request = search_pb2.SearchRequest(query=search_pb2.Query(text=args.text or "", image=image), k=args.k,
                                        beam_size=args.beam or 0, no_rerank=args.no_rerank,
                                        target_modalities=[names[m] for m in args.modality or []])
-    with grpc.insecure_channel(args.address) as channel:
+    if args.tls_ca:
+        channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(open(args.tls_ca, "rb").read()))
+    else:
+        channel = grpc.insecure_channel(args.address)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    with channel:
         try:
-            reply = search_pb2_grpc.SearchServiceStub(channel).Search(request, timeout=args.timeout)
+            reply = search_pb2_grpc.SearchServiceStub(channel).Search(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as err:
             log.error("%s: %s", err.code().name, err.details())
             return 2
@@ -77,6 +88,13 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--index", required=True, help="index folder")
     c.add_argument("--listen", default="127.0.0.1:50051", help="replica address (default: 127.0.0.1:50051)")
     c.set_defaults(run=_local)
+    for role in cmds.choices.values():
+        role.add_argument("--tls-cert", help="PEM certificate (chain) file: serve TLS (with --tls-key)")
+        role.add_argument("--tls-key", help="PEM private key file")
+        role.add_argument("--token-file", help="accepted bearer tokens, one per line; requests without one get "
+                                               "UNAUTHENTICATED (health and reflection stay open)")
+        role.add_argument("--max-concurrent", type=int, default=64,
+                          help="in-flight requests before RESOURCE_EXHAUSTED (default: 64)")
 
     q = sub.add_parser("query", help="send one query to a search replica and print the hits")
     q.add_argument("--address", default="127.0.0.1:50051", help="replica address (default: 127.0.0.1:50051)")
@@ -88,4 +106,6 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                    help="only items of this modality (repeatable)")
     q.add_argument("--no-rerank", action="store_true", help="rank by beam score only")
     q.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)")
+    q.add_argument("--tls-ca", help="PEM file of the CA (or self-signed certificate) to trust: use TLS")
+    q.add_argument("--token", help="bearer token")
     q.set_defaults(run=_query)

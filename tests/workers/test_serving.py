@@ -143,3 +143,53 @@ def test_query_command_against_serve_local_in_a_subprocess(index_root):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def _self_signed(folder):
+    """A self-signed certificate for 127.0.0.1 / localhost (PEM cert, PEM key)."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_tls_and_bearer_tokens(index_root, tmp_path):
+    from cluster.serve import ServerOptions
+
+    cert, key = _self_signed(tmp_path)
+    cluster = serve_local(str(index_root), options=ServerOptions(str(cert), str(key), tokens=("s3cret",)))
+    try:
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{cluster.replica_port}", credentials) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            reply = stub.Search(request("apple"), timeout=30, metadata=[("authorization", "Bearer s3cret")])
+            assert reply.hits
+            for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Search(request("apple"), timeout=30, metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel)  # probes need no token
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{cluster.replica_port}") as plain:  # TLS only
+            with pytest.raises(grpc.RpcError):
+                search_pb2_grpc.SearchServiceStub(plain).Search(request("apple"), timeout=5)
+    finally:
+        cluster.stop(0)
