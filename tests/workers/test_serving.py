@@ -250,3 +250,31 @@ def test_fuzzed_requests_never_crash_the_replica(served):
             codes[err.code().name] = codes.get(err.code().name, 0) + 1
     assert sum(codes.values()) == 10_000 and codes.get("OK", 0) > 0 and codes.get("INVALID_ARGUMENT", 0) > 0
     assert stub.Search(request("apple"), timeout=30).hits
+
+
+def test_python_clients_sync_and_async_return_library_results(served, index_root):
+    import asyncio
+    import subprocess
+    import sys
+
+    from genius.client import AsyncSearchClient, SearchClient
+
+    cluster, _, _ = served
+    index = GeniusIndex.load(index_root)
+    expected = index.search(Items(texts=["a photo of a kayak"]), k=4, beam_size=20)
+    with SearchClient(cluster.address) as client:
+        got = client.search(text="a photo of a kayak", k=4, beam_size=20)
+        assert got.keys == expected.keys and np.allclose(got.scores, expected.scores)
+        assert np.array_equal(got.items, expected.items) and got.version == "v-0" and not got.partial
+        many = client.search_many([{"text": "apple", "k": 2}, {"text": "globe", "k": 3, "rerank": False}])
+        assert [len(r.keys[0]) for r in many] == [2, 3]
+
+    async def run():
+        async with AsyncSearchClient(cluster.address) as client:
+            return await asyncio.gather(*[client.search(text="a photo of a kayak", k=4, beam_size=20)
+                                          for _ in range(4)])
+    assert all(r.keys == expected.keys for r in asyncio.run(run()))
+    # The library itself stays free of gRPC: importing genius.client does not import grpc.
+    probe = subprocess.run([sys.executable, "-c", "import sys, genius.client, genius.index; "
+                            "print('grpc' in sys.modules)"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False", probe.stderr
