@@ -99,26 +99,28 @@ def _start(server: grpc.Server, health_servicer, service_name: str, address: str
     return port
 
 
+def _serve(add_to_server, servicer, service: str, address: str, options: ServerOptions | None) -> tuple[grpc.Server, int]:
+    options = options or ServerOptions()
+    server, health_servicer = _server(options)
+    add_to_server(servicer, server)
+    name = search_pb2.DESCRIPTOR.services_by_name[service].full_name
+    return server, _start(server, health_servicer, name, address, options)
+
+
 def serve_shard(index: str, shard: int, address: str = "127.0.0.1:0",
                 options: ServerOptions | None = None) -> tuple[grpc.Server, int]:
     from workers.shard_server import ShardServicer
 
-    options = options or ServerOptions()
-    server, health_servicer = _server(options)
-    search_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(index, shard), server)
-    name = search_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
-    return server, _start(server, health_servicer, name, address, options)
+    return _serve(search_pb2_grpc.add_ShardServiceServicer_to_server, ShardServicer(index, shard), "ShardService",
+                  address, options)
 
 
 def serve_replica(index: str, shard_map: dict[str, list[str]], address: str = "127.0.0.1:0",
                   options: ServerOptions | None = None) -> tuple[grpc.Server, int]:
     from workers.replica import SearchServicer
 
-    options = options or ServerOptions()
-    server, health_servicer = _server(options)
-    search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(index, shard_map), server)
-    name = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
-    return server, _start(server, health_servicer, name, address, options)
+    return _serve(search_pb2_grpc.add_SearchServiceServicer_to_server, SearchServicer(index, shard_map),
+                  "SearchService", address, options)
 
 
 @dataclass

@@ -20,8 +20,9 @@ import numpy as np
 from genius.index import SearchResult
 from genius.modality import Modality
 
-_TO_PROTO = {Modality.IMAGE: 1, Modality.TEXT: 2, Modality.IMAGE_TEXT: 3}
-_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
+# genius.v1.Modality numbers (proto/genius/v1/search.proto; 0 is MODALITY_UNSPECIFIED).
+MODALITY_TO_PROTO = {Modality.IMAGE: 1, Modality.TEXT: 2, Modality.IMAGE_TEXT: 3}
+PROTO_TO_MODALITY = {v: k for k, v in MODALITY_TO_PROTO.items()}
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _request(text: str | None, image: bytes | None, k: int, beam_size: int | Non
 
     return search_pb2.SearchRequest(
         query=search_pb2.Query(text=text or "", image=image or b""), k=k, beam_size=beam_size or 0,
-        no_rerank=not rerank, target_modalities=[_TO_PROTO[Modality.parse(m)] for m in target_modalities or []])
+        no_rerank=not rerank, target_modalities=[MODALITY_TO_PROTO[Modality.parse(m)] for m in target_modalities or []])
 
 
 def _result(reply) -> ServedResult:
@@ -57,7 +58,7 @@ def _result(reply) -> ServedResult:
     return ServedResult(
         items=np.array([[h.item for h in hits]], dtype=np.int64).reshape(1, len(hits)),
         scores=np.array([[h.score for h in hits]], dtype=np.float64).reshape(1, len(hits)),
-        keys=[[h.key for h in hits]], modalities=[[_FROM_PROTO[h.modality] for h in hits]],
+        keys=[[h.key for h in hits]], modalities=[[PROTO_TO_MODALITY[h.modality] for h in hits]],
         version=reply.index_version, partial=reply.partial, missing_shards=list(reply.missing_shards),
         ids=[[h.id for h in hits]], metadata=[[h.metadata for h in hits]])
 

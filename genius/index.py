@@ -274,7 +274,7 @@ class GeniusIndex:
         return SearchResult(items, scores, [[next(keys) for _ in range(n)] for n in per_row],
                             [[Modality(next(modalities)) for _ in range(n)] for n in per_row])
 
-    def _keep(self, wanted: np.ndarray | None):
+    def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""
         if wanted is None and len(self.deleted) == 0:
             return None
@@ -291,7 +291,7 @@ class GeniusIndex:
 
     def _rank(self, beams, query: torch.Tensor, k: int, rerank: bool, rerank_with: str,
               wanted: np.ndarray | None) -> Ranking:
-        keep = self._keep(wanted)
+        keep = self.item_filter(wanted)
         if not rerank:
             return rank(beams, k, keep=keep)
         if rerank_with == "vectors" and self.vectors is not None:

@@ -48,9 +48,7 @@ def rank(
             if not ranked:
                 continue
         if rerank:
-            vectors = np.asarray(item_vectors(items), dtype=np.float32)
-            query = np.asarray(query_vectors[q], dtype=np.float32)
-            sims = _normalize(vectors) @ (query / max(np.linalg.norm(query), 1e-12))
+            sims = cosine(query_vectors[q], item_vectors(items))
             order = np.argsort(-sims, kind="stable")[:k]
             out_items[q, : len(order)] = items[order]
             out_scores[q, : len(order)] = sims[order]
@@ -59,6 +57,14 @@ def rank(
             out_items[q, :n] = items[:n]
             out_scores[q, :n] = [s for _, s in ranked[:n]]
     return Ranking(out_items, out_scores)
+
+
+def cosine(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Cosine similarity of one query with each row of `vectors`, in float32 (the re-ranking
+    score, here and on the shard servers)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    query = np.asarray(query, dtype=np.float32)
+    return _normalize(vectors) @ (query / max(np.linalg.norm(query), 1e-12))
 
 
 def _normalize(v: np.ndarray) -> np.ndarray:

@@ -43,16 +43,9 @@ class EmbedWorker:
         report = embed_shard(self.encoder, shard, out, batch_size=batch_size, max_pixels=self.max_pixels)
         return {**report.to_dict(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Query texts of training pairs -> (n, D) float32."""
-        return self.encoder.encode_text(texts).numpy()
-
     def embed_queries(self, texts: list | None, images: list | None) -> np.ndarray:
         """Training queries with text, image bytes or both per row -> (n, D) float32."""
         from genius.index import embed_items
         from genius.items import Items
 
         return embed_items(Items(texts=texts, images=images), self.encoder)
-
-    def embed_dim(self) -> int:
-        return self.encoder.embed_dim

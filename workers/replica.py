@@ -17,12 +17,11 @@ import grpc
 import numpy as np
 import torch
 
+from genius.client import MODALITY_TO_PROTO, PROTO_TO_MODALITY
+from genius.modality import Modality
 from proto.genius.v1 import search_pb2, search_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-PROTO_TO_MODALITY = {search_pb2.IMAGE: 0, search_pb2.TEXT: 1, search_pb2.IMAGE_TEXT: 2}
-MODALITY_TO_PROTO = {v: k for k, v in PROTO_TO_MODALITY.items()}
 
 
 @dataclass
@@ -98,7 +97,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         for m in request.target_modalities:
             if m not in PROTO_TO_MODALITY:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown modality {m}: use IMAGE, TEXT or IMAGE_TEXT")
-            modalities.append(PROTO_TO_MODALITY[m])
+            modalities.append(int(PROTO_TO_MODALITY[m]))
         items = Items(texts=[text] if text.strip() else None, images=[image] if image else None)
         return items, k, beam, modalities or None
 
@@ -119,7 +118,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         ranked = beams.ranked_items(0)
         found = np.array([i for i, _ in ranked], dtype=np.int64)
         beam_scores = np.array([s for _, s in ranked], dtype=np.float64)
-        keep = index._keep(wanted)
+        keep = index.item_filter(wanted)
         if keep is not None and len(found):
             mask = keep(0, found)
             found, beam_scores = found[mask], beam_scores[mask]
@@ -155,7 +154,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     def _response(self, items: np.ndarray, scores: np.ndarray, missing: list[str]):
         rows = self.index.items.rows(items).to_pylist() if len(items) else []
-        hits = [search_pb2.Hit(key=r["key"], modality=MODALITY_TO_PROTO[_modality(r["modality"])], score=float(s),
+        hits = [search_pb2.Hit(key=r["key"], modality=MODALITY_TO_PROTO[Modality.parse(r["modality"])], score=float(s),
                                id=r["id"], metadata=r["metadata"] or "", item=int(r["item"]))
                 for r, s in zip(rows, scores)]
         return search_pb2.SearchResponse(hits=hits, index_version=self.version, partial=bool(missing),
@@ -165,8 +164,3 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         for request in request_iterator:
             yield self.Search(request, context)
 
-
-def _modality(name: str) -> int:
-    from genius.modality import Modality
-
-    return int(Modality.parse(name))

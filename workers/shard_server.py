@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from genius.client import MODALITY_TO_PROTO
+from genius.modality import Modality
+from genius.rerank import cosine
 from proto.genius.v1 import search_pb2, search_pb2_grpc
 
 log = logging.getLogger(__name__)
-MODALITY_TO_PROTO = {0: search_pb2.IMAGE, 1: search_pb2.TEXT, 2: search_pb2.IMAGE_TEXT}
 
 
 class ShardServicer(search_pb2_grpc.ShardServiceServicer):
@@ -54,23 +56,13 @@ class ShardServicer(search_pb2_grpc.ShardServiceServicer):
         if query.shape != (self.dim,):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"query has {len(query)} values, the index embeds {self.dim}")
         items = self._items(request.items, context)
-        vectors = self.vectors[items].astype(np.float32)
-        sims = _normalize(vectors) @ (query / max(np.linalg.norm(query), 1e-12))
+        sims = cosine(query, self.vectors[items])
         return search_pb2.ScoreResponse(items=items.tolist(), scores=sims.tolist())
 
     def Fetch(self, request, context):
         items = self._items(request.items, context)
         rows = self.items.rows(items).to_pylist() if len(items) else []
         return search_pb2.FetchResponse(items=[
-            search_pb2.Item(item=r["item"], key=r["key"], modality=MODALITY_TO_PROTO[_modality(r["modality"])],
+            search_pb2.Item(item=r["item"], key=r["key"], modality=MODALITY_TO_PROTO[Modality.parse(r["modality"])],
                             id=r["id"], source=r["source"] or "", metadata=r["metadata"] or "") for r in rows])
 
-
-def _modality(name: str) -> int:
-    from genius.modality import Modality
-
-    return int(Modality.parse(name))
-
-
-def _normalize(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)

@@ -31,6 +31,7 @@ def add_shards(index: str, shards: str, address: str | None = None, actors: int 
 
     from cluster.train_cli import resolve_shards
     from genius.shard_jobs import read_modality, read_vectors
+    from genius.store.item_table import id_view
     from genius.store.layout import MODEL_DIR
     from genius.store.reader import open_version
     from genius.store.update import add_items
@@ -84,8 +85,7 @@ def add_shards(index: str, shards: str, address: str | None = None, actors: int 
     duplicates = len(keys) - len(keep)
     table = table.take(pa.array(keep))
     width = version.codec.width
-    new_ids = np.frombuffer(table.column("id").combine_chunks().buffers()[1], dtype=np.uint8)[: len(table) * width]
-    published = add_items(index, table.column("key").to_pylist(), read_modality(table), new_ids.reshape(-1, width),
+    published = add_items(index, table.column("key").to_pylist(), read_modality(table), id_view(table.column("id"), width),
                           read_vectors(table) if version.vectors is not None else None,
                           table.column("source").to_pylist(), table.column("metadata").to_pylist())
     skipped: dict[str, int] = {}

@@ -253,18 +253,16 @@ class Build:
         self.job.done("pairs", out, rows=len(targets))
         self._time("pairs", started)
 
-    def _text_embedder(self):
-        from workers.embed import EmbedWorker
-
-        return EmbedWorker.options(num_cpus=self.config.cpus_per_actor, num_gpus=self._gpus_per_actor()).remote(
-            self.encoder_dir, self.config.cpus_per_actor)
-
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+    def _embed_queries(self, texts: list | None, images: list | None) -> np.ndarray:
+        """Training queries (text, image bytes or both per row), embedded by one actor."""
         import ray
 
-        actor = self._text_embedder()
+        from workers.embed import EmbedWorker
+
+        actor = EmbedWorker.options(num_cpus=self.config.cpus_per_actor, num_gpus=self._gpus_per_actor()).remote(
+            self.encoder_dir, self.config.cpus_per_actor)
         try:
-            return ray_get(actor.embed_texts.remote(texts), self.config.timeout_s)
+            return ray_get(actor.embed_queries.remote(texts, images), self.config.timeout_s)
         finally:
             ray.kill(actor)
 
@@ -276,16 +274,9 @@ class Build:
         items = table.items
         if items.embeddings is not None:
             vectors = items.embeddings
-        else:  # texts, images (file paths in the table) or both per row, embedded by an actor
-            import ray
-
-            actor = self._text_embedder()
-            try:
-                vectors = ray_get(actor.embed_queries.remote(
-                    None if items.texts is None else list(items.texts),
-                    None if items.images is None else list(items.images)), self.config.timeout_s)
-            finally:
-                ray.kill(actor)
+        else:  # texts, images (file paths in the table) or both per row
+            vectors = self._embed_queries(None if items.texts is None else list(items.texts),
+                                          None if items.images is None else list(items.images))
         return vectors, [Modality(int(m)).name.lower() for m in items.modality], list(table.targets)
 
     def _pairs_from_metadata(self) -> tuple[np.ndarray, list[str], list[str]]:
@@ -301,7 +292,7 @@ class Build:
                         targets.append(key)
         if not texts:
             return np.zeros((0, 0), np.float32), [], []
-        return self._embed_texts(texts), ["text"] * len(texts), targets
+        return self._embed_queries(texts, None), ["text"] * len(texts), targets
 
     def _trainer_config(self, index) -> dict[str, Any]:
         return {

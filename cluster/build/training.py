@@ -35,6 +35,7 @@ def prepare_item_arrays(id_tables: list[Path], num_levels: int, codebook_size: i
     from genius.atomic import write_atomic
     from genius.idcodec import IdCodec
     from genius.shard_jobs import read_modality, read_vectors
+    from genius.store.item_table import id_view
 
     codec = IdCodec(num_levels, codebook_size)
     n = sum(pq.ParquetFile(t).metadata.num_rows for t in id_tables)
@@ -48,10 +49,10 @@ def prepare_item_arrays(id_tables: list[Path], num_levels: int, codebook_size: i
     for path in id_tables:
         table = pq.read_table(path, columns=["modality", "id", "vector"])
         v, m = read_vectors(table), read_modality(table)
-        ids = np.frombuffer(table.column("id").combine_chunks().buffers()[1], dtype=np.uint8)[: len(table) * codec.width]
+        ids = id_view(table.column("id"), codec.width)
         code0 = m if use_modality_code else np.zeros_like(m)
         vectors[row : row + len(table)] = v
-        codes[row : row + len(table)] = np.concatenate([code0[:, None], codec.unpack(ids.reshape(-1, codec.width))], 1)
+        codes[row : row + len(table)] = np.concatenate([code0[:, None], codec.unpack(ids)], 1)
         for k in range(3):
             sums[k] += v[m == k].sum(0)
             counts[k] += (m == k).sum()

@@ -106,7 +106,7 @@ class ItemTables:
         self._ends = np.array([r.end for r in ranges], dtype=np.int64)
         # Per table, zero-copy views of the fixed-width columns (modality, id).
         self._modality = [_single_chunk(t.column("modality")).indices.to_numpy(zero_copy_only=False) for t in tables]
-        self._ids = [_id_view(_single_chunk(t.column("id")), id_width) for t in tables]
+        self._ids = [id_view(_single_chunk(t.column("id")), id_width) for t in tables]
 
     @classmethod
     def open(cls, version_dir: str | os.PathLike, ranges: list[RangeFile], id_width: int) -> "ItemTables":
@@ -188,8 +188,14 @@ class ItemTables:
         return found
 
 
-def _id_view(column: pa.Array, width: int) -> np.ndarray:
-    """(n, width) uint8 view of a fixed_size_binary column's data buffer (no copy)."""
+def id_view(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """(n, width) uint8 rows of a binary(width) column: a view of its data buffer (no copy)
+    for one array, the chunks' views concatenated for a chunked column."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 1:
+            return id_view(column.chunk(0), width)
+        return np.concatenate([id_view(c, width) for c in column.chunks]) if column.num_chunks else \
+            np.zeros((0, width), dtype=np.uint8)
     n = len(column)
     if n == 0:
         return np.zeros((0, width), dtype=np.uint8)

@@ -38,7 +38,7 @@ from genius.errors import GeniusError
 from genius.idcodec import IdCodec, id_words, sort_order
 from genius.modality import Modality
 from genius.store.data_files import DEFAULT_ITEMS_PER_FILE, item_table_path, split_range, vector_shard_path
-from genius.store.item_table import make_table, write_item_table
+from genius.store.item_table import id_view, make_table, write_item_table
 from genius.store.layout import TRIE_DIR
 from genius.store.manifest import RangeFile
 from genius.store.vector_shards import write_vector_shard
@@ -197,8 +197,7 @@ def _id_column(path, column: pa.ChunkedArray, codec: IdCodec) -> np.ndarray:
         if len(bad):
             raise IdTableError(path, int(bad[0]), f"ID of {int(lengths[bad[0]])} bytes, expected {width}")
         array = pc.cast(array, pa.binary(width))
-    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
-    ids = data[array.offset * width : (array.offset + len(array)) * width].reshape(len(array), width)
+    ids = id_view(array, width)
     if codec.codebook_size == 1 << codec.bits_per_code and (codec.num_levels * codec.bits_per_code) % 8 == 0:
         return ids  # every bit pattern is a valid ID (e.g. 8 x 4096 in 12 bytes)
     # Every code below K and the padding bits zero: packing the unpacked codes gives the ID back.
@@ -410,7 +409,7 @@ def merge_partition(task: PartitionTask, config: MergeConfig, version_dir: str |
         raise ValueError(f"partition {task.partition.name}: buckets hold {0 if table is None else table.num_rows} "
                          f"rows, the plan says {task.count}")
     # Taking from the chunked table (one chunk per bucket) skips a concatenated copy of it.
-    ids = np.concatenate([_fixed_binary_view(c, codec.width) for c in table.column("id").chunks])
+    ids = id_view(table.column("id"), codec.width)
     order = sort_order(ids)
     sorted_ids = np.take(ids, order, axis=0)
     # Ties (items sharing an ID) are ordered by key, so that the order never depends on the input's.
@@ -445,11 +444,6 @@ def merge_partition(task: PartitionTask, config: MergeConfig, version_dir: str |
     counts = np.bincount(modality, minlength=len(Modality))
     return PartitionOutput(entry, item_tables, vector_shards,
                            {m.name.lower(): int(c) for m, c in zip(Modality, counts) if c})
-
-
-def _fixed_binary_view(array: pa.Array, width: int) -> np.ndarray:
-    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
-    return data[array.offset * width : (array.offset + len(array)) * width].reshape(len(array), width)
 
 
 # ----------------------------------------------------------------------------- driver
