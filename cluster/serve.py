@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +25,30 @@ MAX_MESSAGE_BYTES = 32 << 20
 
 @dataclass
 class ServerOptions:
-    """Transport options of a server: TLS, bearer tokens, limits."""
+    """Transport options of a server: TLS, bearer tokens, limits, metrics."""
 
     tls_cert: str | None = None  # PEM certificate chain file
     tls_key: str | None = None  # PEM private key file
     tokens: tuple[str, ...] = ()  # accepted bearer tokens; empty: no authentication
     max_concurrent: int = 64  # in-flight RPCs; past it: RESOURCE_EXHAUSTED
-    workers: int = 8
+    metrics: object | None = None  # workers.metrics.ServerMetrics: count and time every RPC
 
     @classmethod
-    def from_args(cls, args) -> "ServerOptions":
+    def from_args(cls, args, metrics=None) -> "ServerOptions":
         tokens: tuple[str, ...] = ()
         if getattr(args, "token_file", None):
-            tokens = tuple(t.strip() for t in Path(args.token_file).read_text(encoding="utf-8").splitlines() if t.strip())
-            if not tokens:
-                raise ValueError(f"{args.token_file}: no token in the file")
+            tokens = read_tokens(args.token_file)
         if bool(getattr(args, "tls_cert", None)) != bool(getattr(args, "tls_key", None)):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         return cls(getattr(args, "tls_cert", None), getattr(args, "tls_key", None), tokens,
-                   getattr(args, "max_concurrent", 64))
+                   getattr(args, "max_concurrent", 64), metrics)
+
+
+def read_tokens(path: str) -> tuple[str, ...]:
+    tokens = tuple(t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip())
+    if not tokens:
+        raise ValueError(f"{path}: no token in the file")
+    return tokens
 
 
 class _BearerTokenAuth(grpc.ServerInterceptor):
@@ -71,9 +77,16 @@ class _BearerTokenAuth(grpc.ServerInterceptor):
 
 
 def _server(options: ServerOptions) -> tuple[grpc.Server, health.HealthServicer]:
-    interceptors = [_BearerTokenAuth(options.tokens)] if options.tokens else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), interceptors=interceptors,
-                         maximum_concurrent_rpcs=options.max_concurrent,
+    from workers.metrics import LimitAndCount
+
+    # Counting comes first so that refusals (limit, token) are counted too.
+    interceptors = [LimitAndCount(options.metrics, options.max_concurrent)]
+    if options.tokens:
+        interceptors.append(_BearerTokenAuth(options.tokens))
+    # Threads beyond the limit, so that excess requests reach the interceptor and get a clear
+    # RESOURCE_EXHAUSTED; gRPC's own cap (without a message) is only the backstop.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_concurrent + 8), interceptors=interceptors,
+                         maximum_concurrent_rpcs=2 * options.max_concurrent + 8,
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     health_servicer = health.HealthServicer()
@@ -111,16 +124,22 @@ def serve_shard(index: str, shard: int, address: str = "127.0.0.1:0",
                 options: ServerOptions | None = None) -> tuple[grpc.Server, int]:
     from workers.shard_server import ShardServicer
 
-    return _serve(search_pb2_grpc.add_ShardServiceServicer_to_server, ShardServicer(index, shard), "ShardService",
-                  address, options)
+    servicer = ShardServicer(index, shard, metrics=options.metrics if options else None)
+    return _serve(search_pb2_grpc.add_ShardServiceServicer_to_server, servicer, "ShardService", address, options)
 
 
-def serve_replica(index: str, shard_map: dict[str, list[str]], address: str = "127.0.0.1:0",
-                  options: ServerOptions | None = None) -> tuple[grpc.Server, int]:
+def serve_replica(index: str, shard_map: dict[int, list[str]], address: str = "127.0.0.1:0",
+                  options: ServerOptions | None = None, config=None,
+                  on_new_version=None) -> tuple[grpc.Server, int]:
+    """A search replica; `config` is a workers.replica.ReplicaConfig (limits, batching, reload
+    interval, transport to the shard servers). The servicer is `server.servicer`."""
     from workers.replica import SearchServicer
 
-    return _serve(search_pb2_grpc.add_SearchServiceServicer_to_server, SearchServicer(index, shard_map),
-                  "SearchService", address, options)
+    servicer = SearchServicer(index, shard_map, config, options.metrics if options else None, on_new_version)
+    server, port = _serve(search_pb2_grpc.add_SearchServiceServicer_to_server, servicer, "SearchService", address,
+                          options)
+    server.servicer = servicer
+    return server, port
 
 
 @dataclass
@@ -130,50 +149,90 @@ class LocalCluster:
     replica: grpc.Server
     replica_port: int
     shards: list[grpc.Server] = field(default_factory=list)
-    shard_map: dict[str, list[str]] = field(default_factory=dict)
+    shard_map: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.replica_port}"
 
+    @property
+    def servers(self) -> list[grpc.Server]:
+        return [self.replica, *self.shards]
+
     def stop(self, grace: float = 1.0) -> None:
         self.replica.stop(grace).wait()
+        self.replica.servicer.close()
         for s in self.shards:
             s.stop(grace).wait()
 
 
-def serve_local(index: str, address: str = "127.0.0.1:0", options: ServerOptions | None = None) -> LocalCluster:
+def serve_local(index: str, address: str = "127.0.0.1:0", options: ServerOptions | None = None,
+                config=None) -> LocalCluster:
     """Shard servers on 127.0.0.1 (plain, no token: this machine only), the replica at `address`
-    with `options` (TLS, tokens, limits)."""
+    with `options` (TLS, tokens, limits). A newly published version with more vector shards gets
+    shard servers for them before the replica moves to it."""
     from genius.store.layout import resolve_version
     from genius.store.manifest import Manifest
 
-    manifest = Manifest.read(resolve_version(index))
-    shards, shard_map = [], {}
-    for number, r in enumerate(manifest.vector_shards):
-        server, port = serve_shard(index, number)
-        shards.append(server)
-        shard_map[f"{r.start}-{r.end}"] = [f"127.0.0.1:{port}"]
-    replica, port = serve_replica(index, shard_map, address, options)
-    return LocalCluster(replica, port, shards, shard_map)
+    shard_options = ServerOptions(metrics=options.metrics if options else None)
+    cluster = LocalCluster(None, 0)  # type: ignore[arg-type]
+    lock = threading.Lock()
+
+    def start_shards(count: int) -> None:
+        with lock:
+            for number in range(len(cluster.shards), count):
+                server, port = serve_shard(index, number, options=shard_options)
+                cluster.shards.append(server)
+                cluster.shard_map[number] = [f"127.0.0.1:{port}"]
+                if cluster.replica is not None:
+                    cluster.replica.servicer.add_shard(number, cluster.shard_map[number])
+
+    start_shards(len(Manifest.read(resolve_version(index)).vector_shards))
+    cluster.replica, cluster.replica_port = serve_replica(
+        index, dict(cluster.shard_map), address, options, config,
+        on_new_version=lambda served: start_shards(len(served.starts)))
+    return cluster
 
 
-def wait_for_termination(servers: list[grpc.Server], grace_s: float = 10.0) -> None:
-    """Until SIGTERM/SIGINT: then health turns NOT_SERVING (load balancers stop sending), the
-    servers stop accepting, and in-flight requests get `grace_s` seconds to finish."""
+def shutdown(servers: list[grpc.Server], drain_s: float = 0.0, grace_s: float = 10.0) -> None:
+    """Health turns NOT_SERVING (load balancers and probes stop sending new requests) while the
+    servers keep answering for `drain_s`; then they stop accepting, and requests in flight get
+    `grace_s` seconds to finish."""
+    for s in servers:
+        if hasattr(s, "health"):
+            s.health.enter_graceful_shutdown()
+    if drain_s > 0:
+        log.info("health NOT_SERVING; draining for %.1f s", drain_s)
+        time.sleep(drain_s)
+    events = [s.stop(grace_s) for s in servers]
+    for event in events:
+        event.wait()
+    for s in servers:
+        if hasattr(s, "servicer"):
+            s.servicer.close()
+
+
+def wait_for_termination(servers: list[grpc.Server], drain_s: float = 0.0, grace_s: float = 10.0) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully (see `shutdown`)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    for s in servers:
-        if hasattr(s, "health"):
-            s.health.enter_graceful_shutdown()
-    events = [s.stop(grace_s) for s in servers]
-    for event in events:
-        event.wait()
+    log.info("stopping")
+    shutdown(servers, drain_s, grace_s)
 
 
-def read_shard_map(path: str) -> dict[str, list[str]]:
-    """{"<start>-<end>": ["host:port", ...]} (several addresses: fail over in order)."""
+def read_shard_map(path: str) -> dict[int, list[str]]:
+    """{"<vector shard number>": ["host:port", ...]} (several addresses: fail over in order)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {str(k): [v] if isinstance(v, str) else list(v) for k, v in data.items()}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a shard map is a JSON object {{\"<shard number>\": [\"host:port\", ...]}}")
+    shard_map = {}
+    for key, value in data.items():
+        if not str(key).isdigit():
+            raise ValueError(f"{path}: shard map keys are vector shard numbers (genius info lists them), got {key!r}")
+        addresses = [value] if isinstance(value, str) else value
+        if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) for a in addresses):
+            raise ValueError(f"{path}: shard {key}: give an address or a list of addresses, got {value!r}")
+        shard_map[int(key)] = addresses
+    return shard_map

@@ -7,38 +7,60 @@ import logging
 log = logging.getLogger("genius.serve")
 
 
-def _shard(args: argparse.Namespace) -> int:
-    from cluster.serve import serve_shard, wait_for_termination
-
+def _options(args: argparse.Namespace):
+    """ServerOptions from the flags, with Prometheus metrics served when --metrics-port is given."""
     from cluster.serve import ServerOptions
 
-    server, port = serve_shard(args.index, args.range, args.listen, ServerOptions.from_args(args))
-    print(f"shard {args.range} of {args.index} serving on port {port}", flush=True)
-    wait_for_termination([server])
+    metrics = None
+    if args.metrics_port is not None:
+        from workers.metrics import ServerMetrics
+
+        metrics = ServerMetrics()
+        port = metrics.serve(args.metrics_port)
+        log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", port)
+    return ServerOptions.from_args(args, metrics)
+
+
+def _replica_config(args: argparse.Namespace):
+    from cluster.serve import read_tokens
+    from workers.replica import Limits, ReplicaConfig
+
+    token = read_tokens(args.shard_token_file)[0] if args.shard_token_file else None
+    return ReplicaConfig(Limits(shard_timeout_s=args.shard_timeout), reload_interval_s=args.reload_interval,
+                         max_batch=args.max_batch, shard_tls_ca=args.shard_tls_ca, shard_token=token)
+
+
+def _stop_on_signal(args: argparse.Namespace, servers) -> int:
+    from cluster.serve import wait_for_termination
+
+    wait_for_termination(servers, args.drain_seconds, args.grace_seconds)
     return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from cluster.serve import serve_shard
+
+    server, port = serve_shard(args.index, args.range, args.listen, _options(args))
+    print(f"shard {args.range} of {args.index} serving on port {port}", flush=True)
+    return _stop_on_signal(args, [server])
 
 
 def _replica(args: argparse.Namespace) -> int:
-    from cluster.serve import read_shard_map, serve_replica, wait_for_termination
+    from cluster.serve import read_shard_map, serve_replica
 
-    from cluster.serve import ServerOptions
-
-    server, port = serve_replica(args.index, read_shard_map(args.shards), args.listen, ServerOptions.from_args(args))
+    server, port = serve_replica(args.index, read_shard_map(args.shards), args.listen, _options(args),
+                                 _replica_config(args))
     print(f"search replica of {args.index} serving on port {port}", flush=True)
-    wait_for_termination([server])
-    return 0
+    return _stop_on_signal(args, [server])
 
 
 def _local(args: argparse.Namespace) -> int:
-    from cluster.serve import serve_local, wait_for_termination
+    from cluster.serve import serve_local
 
-    from cluster.serve import ServerOptions
-
-    cluster = serve_local(args.index, args.listen, ServerOptions.from_args(args))
+    cluster = serve_local(args.index, args.listen, _options(args), _replica_config(args))
     print(f"search replica on {cluster.address} with {len(cluster.shards)} shard servers "
           f"({', '.join(f'{k}: {v[0]}' for k, v in cluster.shard_map.items())})", flush=True)
-    wait_for_termination([cluster.replica, *cluster.shards])
-    return 0
+    return _stop_on_signal(args, cluster.servers)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -81,14 +103,34 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(run=_shard)
     c = cmds.add_parser("replica", help="serve search: encode, beam search, scatter to shard servers, gather")
     c.add_argument("--index", required=True, help="index folder (its CURRENT version) or a version folder")
-    c.add_argument("--shards", required=True, help='shard map JSON: {"<start>-<end>": ["host:port", ...]}')
+    c.add_argument("--shards", required=True,
+                   help='shard map JSON file: {"<vector shard number>": ["host:port", ...]} (several addresses '
+                        'of one shard: fail over in order)')
     c.add_argument("--listen", default="0.0.0.0:50051", help="address to listen on (default: 0.0.0.0:50051)")
     c.set_defaults(run=_replica)
     c = cmds.add_parser("local", help="a replica plus every shard server on this machine (development, demo)")
     c.add_argument("--index", required=True, help="index folder")
     c.add_argument("--listen", default="127.0.0.1:50051", help="replica address (default: 127.0.0.1:50051)")
     c.set_defaults(run=_local)
+    for name in ("replica", "local"):
+        role = cmds.choices[name]
+        role.add_argument("--reload-interval", type=float, default=2.0,
+                          help="seconds between reads of the index's CURRENT: a newly published version is "
+                               "picked up without dropping requests (default: 2; 0: never)")
+        role.add_argument("--max-batch", type=int, default=32,
+                          help="concurrent queries decoded in one beam search (default: 32; 1: no batching)")
+        role.add_argument("--shard-timeout", type=float, default=2.0,
+                          help="seconds per shard call, within the request's deadline (default: 2)")
+        role.add_argument("--shard-tls-ca", help="PEM CA file: reach the shard servers over TLS")
+        role.add_argument("--shard-token-file", help="bearer token for the shard servers (first line of the file)")
     for role in cmds.choices.values():
+        role.add_argument("--metrics-port", type=int,
+                          help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (default: off)")
+        role.add_argument("--drain-seconds", type=float, default=2.0,
+                          help="on SIGTERM, seconds health reports NOT_SERVING while requests are still "
+                               "answered, so load balancers stop sending first (default: 2)")
+        role.add_argument("--grace-seconds", type=float, default=10.0,
+                          help="then, seconds requests in flight get to finish (default: 10)")
         role.add_argument("--tls-cert", help="PEM certificate (chain) file: serve TLS (with --tls-key)")
         role.add_argument("--tls-key", help="PEM private key file")
         role.add_argument("--token-file", help="accepted bearer tokens, one per line; requests without one get "

@@ -29,7 +29,7 @@ from genius.idcodec import IdCodec
 from genius.items import Items
 from genius.modality import NUM_MODALITIES, Modality
 from genius.quantizer import ModalResidualQuantizer, QuantizerConfig, train_quantizer
-from genius.rerank import Ranking, rank
+from genius.rerank import Ranking, candidates, rank
 from genius.store import data_files, update
 from genius.store.item_table import ItemTables, make_table
 from genius.store.layout import MODEL_DIR
@@ -248,21 +248,10 @@ class GeniusIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         beam_size = beam_size or self.config.beam_size
-        query_emb = self.embed(queries)
-        if query_emb.ndim != 2 or query_emb.shape[1] != self.decoder.embed_dim:
-            raise ValueError(f"query embeddings have shape {query_emb.shape}, index expects dim {self.decoder.embed_dim}")
-        per_query = per_query_modalities(target_modalities, len(query_emb))
-        wanted = None if per_query is None else _modality_rows(per_query)
+        query_emb = self._check_queries(self.embed(queries))
         all_items, all_scores = [], []
-        device = self.config.device
-        for start in range(0, len(query_emb), self.config.query_batch):
-            chunk = torch.from_numpy(query_emb[start : start + self.config.query_batch]).to(device)
-            chunk_wanted = None if wanted is None else wanted[start : start + len(chunk)]
-            first_step = None
-            if chunk_wanted is not None and self.quantizer.use_modality_code:
-                first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
-            beams = beam_search(self.decoder, self.trie, chunk, beam_size, first_step)
-            ranking = self._rank(beams, chunk, k, rerank, rerank_with, chunk_wanted)
+        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities):
+            ranking = self._rank(beams, chunk, k, rerank, rerank_with, wanted)
             all_items.append(ranking.items)
             all_scores.append(ranking.scores)
         items = np.concatenate(all_items) if all_items else np.zeros((0, k), dtype=np.int64)
@@ -273,6 +262,39 @@ class GeniusIndex:
         per_row = [int((row >= 0).sum()) for row in items]
         return SearchResult(items, scores, [[next(keys) for _ in range(n)] for n in per_row],
                             [[Modality(next(modalities)) for _ in range(n)] for n in per_row])
+
+    @torch.no_grad()
+    def candidates(self, query_emb: np.ndarray, beam_size: int | None = None,
+                   target_modalities: Collection | Sequence[Collection] | None = None
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query embedding: the items its beam search found that pass the filters (not
+        deleted, of a wanted modality), in beam order, with their beam log-probabilities. The
+        first half of `search`, for callers that score the items elsewhere (the serving
+        replica scatters them to shard servers)."""
+        query_emb = self._check_queries(self.embed(query_emb))
+        out = []
+        for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities):
+            keep = self.item_filter(wanted)
+            out.extend(candidates(beams, q, keep) for q in range(len(beams.items)))
+        return out
+
+    def _check_queries(self, query_emb: np.ndarray) -> np.ndarray:
+        if query_emb.ndim != 2 or query_emb.shape[1] != self.decoder.embed_dim:
+            raise ValueError(f"query embeddings have shape {query_emb.shape}, index expects dim {self.decoder.embed_dim}")
+        return query_emb
+
+    def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities):
+        """(query chunk, its beams, its wanted-modality rows or None) per chunk of config.query_batch."""
+        per_query = per_query_modalities(target_modalities, len(query_emb))
+        wanted = None if per_query is None else _modality_rows(per_query)
+        device = self.config.device
+        for start in range(0, len(query_emb), self.config.query_batch):
+            chunk = torch.from_numpy(query_emb[start : start + self.config.query_batch]).to(device)
+            chunk_wanted = None if wanted is None else wanted[start : start + len(chunk)]
+            first_step = None
+            if chunk_wanted is not None and self.quantizer.use_modality_code:
+                first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
+            yield chunk, beam_search(self.decoder, self.trie, chunk, beam_size, first_step), chunk_wanted
 
     def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""

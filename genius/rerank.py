@@ -37,16 +37,9 @@ def rank(
     out_scores = np.full((Q, k), -np.inf, dtype=np.float64)
     rerank = query_vectors is not None and item_vectors is not None
     for q in range(Q):
-        ranked = beams.ranked_items(q)
-        if not ranked:
+        items, beam_scores = candidates(beams, q, keep)
+        if not len(items):
             continue
-        items = np.array([i for i, _ in ranked], dtype=np.int64)
-        if keep is not None:
-            mask = keep(q, items)
-            items = items[mask]
-            ranked = [r for r, m in zip(ranked, mask.tolist()) if m]
-            if not ranked:
-                continue
         if rerank:
             sims = cosine(query_vectors[q], item_vectors(items))
             order = np.argsort(-sims, kind="stable")[:k]
@@ -55,8 +48,21 @@ def rank(
         else:
             n = min(k, len(items))
             out_items[q, :n] = items[:n]
-            out_scores[q, :n] = [s for _, s in ranked[:n]]
+            out_scores[q, :n] = beam_scores[:n]
     return Ranking(out_items, out_scores)
+
+
+def candidates(beams: BeamResult, query: int, keep: Callable[[int, np.ndarray], np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The items one query's beams found, in beam order without repeats, and their beam
+    log-probabilities; `keep` drops items (deleted ones, unwanted modalities)."""
+    ranked = beams.ranked_items(query)
+    items = np.array([i for i, _ in ranked], dtype=np.int64)
+    scores = np.array([s for _, s in ranked], dtype=np.float64)
+    if keep is not None and len(items):
+        mask = keep(query, items)
+        items, scores = items[mask], scores[mask]
+    return items, scores
 
 
 def cosine(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:

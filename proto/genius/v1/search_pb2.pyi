@@ -103,10 +103,12 @@ class Item(_message.Message):
     def __init__(self, item: _Optional[int] = ..., key: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., id: _Optional[bytes] = ..., source: _Optional[str] = ..., metadata: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "index_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, items: _Optional[_Iterable[int]] = ...) -> None: ...
+    index_version: str
+    def __init__(self, items: _Optional[_Iterable[int]] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("items",)
