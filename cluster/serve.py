@@ -196,18 +196,17 @@ def serve_local(index: str, address: str = "127.0.0.1:0", options: ServerOptions
 
 def shutdown(servers: list[grpc.Server], drain_s: float = 0.0, grace_s: float = 10.0) -> None:
     """Health turns NOT_SERVING (load balancers and probes stop sending new requests) while the
-    servers keep answering for `drain_s`; then they stop accepting, and requests in flight get
-    `grace_s` seconds to finish."""
+    servers keep answering for `drain_s`; then they stop one after another in the order given
+    (replicas before the shard servers they call): each stops accepting and gives its requests
+    in flight `grace_s` seconds to finish."""
     for s in servers:
         if hasattr(s, "health"):
             s.health.enter_graceful_shutdown()
     if drain_s > 0:
         log.info("health NOT_SERVING; draining for %.1f s", drain_s)
         time.sleep(drain_s)
-    events = [s.stop(grace_s) for s in servers]
-    for event in events:
-        event.wait()
-    for s in servers:
+    for s in servers:  # in order: a replica's requests in flight still reach the shard servers after it
+        s.stop(grace_s).wait()
         if hasattr(s, "servicer"):
             s.servicer.close()
 

@@ -1,41 +1,15 @@
 """gRPC serving on 127.0.0.1: a replica and shard servers on ephemeral ports, a real index."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.serve import serve_local
-from genius.encoders import EncoderConfig, MultimodalEncoder
-from genius.index import GeniusIndex, IndexConfig
+from genius.index import GeniusIndex
 from genius.items import Items
 from proto.genius.v1 import search_pb2, search_pb2_grpc
-
-WORDS = ["apple", "river", "candle", "mountain", "violin", "lantern", "cactus", "harbor", "meadow", "anchor",
-         "bicycle", "teapot", "kayak", "compass", "windmill", "umbrella", "saxophone", "backpack", "hammock", "globe"]
-
-
-@pytest.fixture(scope="module")
-def index_root(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    encoder = MultimodalEncoder.from_config(EncoderConfig())
-    texts = [f"a photo of a {w} number {i}" for i in range(3) for w in WORDS]
-    corpus = Items(texts=texts, keys=[f"{w}-{i}" for i in range(3) for w in WORDS])
-    queries = Items(texts=[f"the {w} again, {i}" for i in range(3) for w in WORDS])
-    cfg = IndexConfig.for_corpus(len(texts))
-    cfg.quantizer = replace(cfg.quantizer, epochs=3)
-    cfg.decoder_training = replace(cfg.decoder_training, epochs=3)
-    cfg.items_per_file = 25  # three vector shards -> three shard servers
-    index = GeniusIndex.fit(corpus, queries, np.arange(len(texts)), cfg, encoder=encoder, progress=False)
-    root = tmp_path_factory.mktemp("served") / "index"
-    index.save(root)
-    return root
-
 
 @pytest.fixture
 def served(index_root):
