@@ -76,6 +76,59 @@ class _BearerTokenAuth(grpc.ServerInterceptor):
         return self._deny
 
 
+class _RejectUndecodable(grpc.ServerInterceptor):
+    """Bytes that do not parse as the method's request message get INVALID_ARGUMENT naming the
+    parse error (gRPC's own deserializer would answer INTERNAL and log a stack trace)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = _lenient(handler.request_deserializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_checked_unary(handler.unary_unary), parse,
+                                                       handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_checked_unary(handler.unary_stream), parse,
+                                                        handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_checked_stream(handler.stream_stream), parse,
+                                                         handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_checked_stream(handler.stream_unary), parse,
+                                                        handler.response_serializer)
+        return handler
+
+
+class _Undecodable:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as err:  # noqa: BLE001 - any parse failure is the client's
+            return _Undecodable(err)
+    return parse
+
+
+def _reject(request, context):
+    if isinstance(request, _Undecodable):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as the method's message: "
+                                                        f"{request.error}")
+    return request
+
+
+def _checked_unary(behavior):
+    return lambda request, context: behavior(_reject(request, context), context)
+
+
+def _checked_stream(behavior):
+    return lambda requests, context: behavior((_reject(r, context) for r in requests), context)
+
+
 def _server(options: ServerOptions) -> tuple[grpc.Server, health.HealthServicer]:
     from workers.metrics import LimitAndCount
 
@@ -83,6 +136,7 @@ def _server(options: ServerOptions) -> tuple[grpc.Server, health.HealthServicer]
     interceptors = [LimitAndCount(options.metrics, options.max_concurrent)]
     if options.tokens:
         interceptors.append(_BearerTokenAuth(options.tokens))
+    interceptors.append(_RejectUndecodable())
     # Threads beyond the limit, so that excess requests reach the interceptor and get a clear
     # RESOURCE_EXHAUSTED; gRPC's own cap (without a message) is only the backstop.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_concurrent + 8), interceptors=interceptors,
