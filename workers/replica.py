@@ -1,7 +1,7 @@
 """SearchService: a stateless search replica.
 
-encode the query -> trie-constrained beam search (memory-mapped trie; concurrent queries batched
-into one search) -> group the beam's items by vector shard -> Score on the shard servers in
+encode the query -> trie-constrained beam search (memory-mapped trie; concurrent queries encoded
+and decoded in batches) -> group the beam's items by vector shard -> Score on the shard servers in
 parallel (each call with its own timeout, bounded by the request's deadline) -> gather -> top-k.
 A shard that does not answer makes the response partial (its items are left out of the ranking
 and named in missing_shards); a shard listed with several addresses fails over to the next.
@@ -28,7 +28,7 @@ import numpy as np
 from genius.client import MODALITY_TO_PROTO, PROTO_TO_MODALITY
 from genius.modality import Modality
 from proto.genius.v1 import search_pb2, search_pb2_grpc
-from workers.batching import DecodeBatcher
+from workers.batching import QueryBatcher
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         for number, addresses in shard_map.items():
             self.add_shard(number, addresses)
         self.pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.shards)), thread_name_prefix="genius-scatter")
-        self.batcher = DecodeBatcher(self.config.max_batch, metrics) if self.config.max_batch > 1 else None
+        self.batcher = QueryBatcher(self.config.max_batch, metrics) if self.config.max_batch > 1 else None
         self.served = ServedVersion.open(version)
         self._check_shard_map(self.served)
         self._set_version_metric()
@@ -198,7 +198,6 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def _query(self, request, context, served: ServedVersion):
         from genius.encoders import load_image
         from genius.errors import InvalidInputError
-        from genius.items import Items
 
         limits = self.limits
         text, image = request.query.text, request.query.image
@@ -226,8 +225,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if m not in PROTO_TO_MODALITY:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown modality {m}: use IMAGE, TEXT or IMAGE_TEXT")
             modalities.append(int(PROTO_TO_MODALITY[m]))
-        items = Items(texts=[text] if text.strip() else None, images=[image] if image else None)
-        return items, k, beam, sorted(set(modalities)) or None
+        return text if text.strip() else None, image or None, k, beam, sorted(set(modalities)) or None
 
     # ----------------------------------------------------------------- search
     def _stage(self, name: str):
@@ -237,14 +235,17 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     def Search(self, request, context):
         served = self.served  # one version for the whole request, whatever is published meanwhile
-        items, k, beam, modalities = self._query(request, context, served)
-        with self._stage("encode"):
-            query = served.index.embed(items)[0]
-        with self._stage("decode"):
-            if self.batcher is not None:
-                found, beam_scores = self.batcher.candidates(served.index, query, beam, modalities,
-                                                             timeout=context.time_remaining())
-            else:
+        text, image, k, beam, modalities = self._query(request, context, served)
+        if self.batcher is not None:  # encoded and decoded with whatever else is waiting
+            query, found, beam_scores = self.batcher.search(served.index, text, image, beam, modalities,
+                                                            timeout=context.time_remaining())
+        else:
+            from genius.items import Items
+
+            with self._stage("encode"):
+                query = served.index.embed(Items(texts=None if text is None else [text],
+                                                 images=None if image is None else [image]))[0]
+            with self._stage("decode"):
                 found, beam_scores = served.index.candidates(query[None], beam,
                                                              None if modalities is None else [modalities])[0]
         missing: list[str] = []
