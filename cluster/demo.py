@@ -1,5 +1,12 @@
-"""`genius demo`: the whole GENIUS pipeline on Fashion-MNIST, on this machine's CPUs.
+"""`genius demo`: GENIUS on Fashion-MNIST, on this machine's CPUs, in one of two modes.
 
+--mode system (default): the whole served system (cluster.demo_system)
+    shards -> stage-1 encoder -> training pairs of every task from the train split ->
+    `genius index build` on a local Ray cluster -> `genius serve local` -> example queries of
+    every query->target combination and a recall table through the gRPC client -> servers
+    stopped. Writes recall.{json,md} and the index (INDEX = --out/index) to --out.
+
+--mode eval: the in-process evaluation
     shards    Fashion-MNIST (Debian package dataset-fashion-mnist) -> WebDataset shards
     stage 1   align the small image tower to the locked MiniLM text tower (LiT-style), and
               the fusion module on the training pairs with an image-text side (composed
@@ -11,12 +18,11 @@
     report    recall@1/5/10 per task of GENIUS, GENIUS + re-ranking and exact kNN on the same
               embeddings, over the task's own pool and over the universal pool, and a few
               example queries with their hits
+    Per-task models and ablations: `genius eval --corpus-kind fashion-mnist` (slower).
 
-Per-task models and ablations: `genius eval --corpus-kind fashion-mnist` (slower).
-
-Every step reuses what an earlier run left in --out (shards, stage-1 encoder), so a second
-run goes straight to the evaluation. `--corpus captions` runs the older caption demo that
-needs no Debian package.
+Both modes reuse what an earlier run left in --out (shards, stage-1 encoder; the system mode
+also the index while its inputs are unchanged). `--corpus captions` runs the older in-process
+caption demo that needs no Debian package.
 """
 from __future__ import annotations
 
@@ -92,10 +98,16 @@ def run(args: argparse.Namespace) -> dict:
     from genius.index import IndexConfig
     from genius.tasks import build_tasks
 
+    # The caption demo is in-process: it takes the eval mode's defaults.
+    resolve_defaults(args, "eval" if args.corpus == "captions" else args.mode)
     if args.corpus == "captions":
         from cluster import demo_captions
 
         return demo_captions.run(args)
+    if args.mode == "system":
+        from cluster import demo_system
+
+        return demo_system.run(system_config(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -156,20 +168,60 @@ def _examples(report, tasks, records, encoder, count: int) -> None:
             print(f"  {query!r} -> {', '.join(shown)}")
 
 
+# Defaults that differ by mode (None on the command line: the mode's own).
+MODE_DEFAULTS = {
+    "eval": {"candidates": 500, "queries": 200, "quantizer_epochs": 20, "decoder_epochs": 20, "examples": 4},
+    "system": {"candidates": 500, "queries": 100, "quantizer_epochs": 10, "decoder_epochs": 10, "examples": 2},
+}
+
+
+def resolve_defaults(args: argparse.Namespace, mode: str) -> None:
+    for name, value in MODE_DEFAULTS[mode].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def system_config(args: argparse.Namespace):
+    from cluster.demo_system import SystemDemoConfig
+
+    return SystemDemoConfig(
+        out=Path(args.out), source=args.source, stage1_steps=args.stage1_steps, pool=args.candidates,
+        train=args.train_records, queries=args.queries, actors=args.actors, quantizer_epochs=args.quantizer_epochs,
+        decoder_epochs=args.decoder_epochs, beam=args.beam, examples=args.examples, concurrency=args.concurrency,
+        rebuild=args.rebuild, threads=args.threads, seed=args.seed)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def both(name: str) -> str:
+        return f"{MODE_DEFAULTS['system'][name]} system, {MODE_DEFAULTS['eval'][name]} eval"
+
+    parser.add_argument("--mode", choices=["system", "eval"], default="system",
+                        help="system: index build on a local Ray cluster, gRPC servers, queries through the client "
+                             "(default); eval: the in-process evaluation report")
     parser.add_argument("--corpus", choices=["fashion-mnist", "captions"], default="fashion-mnist",
                         help="fashion-mnist (needs the Debian package dataset-fashion-mnist) or the generated "
-                             "caption corpus (default: fashion-mnist)")
+                             "caption corpus (in-process; default: fashion-mnist)")
     parser.add_argument("--out", default="demo_out", help="folder for shards, encoder, indexes and report")
     parser.add_argument("--source", help="folder with the Fashion-MNIST idx files (default: the Debian package's)")
     parser.add_argument("--stage1-steps", type=int, default=200, help="stage-1 steps of batch 256 (default: 200)")
-    parser.add_argument("--candidates", type=int, default=500, help="candidate pool size per task (default: 500)")
-    parser.add_argument("--queries", type=int, default=200, help="test queries per task (default: 200)")
-    parser.add_argument("--beam", type=int, default=20, help="beam size of the main table (default: 20)")
+    parser.add_argument("--candidates", type=int, help="system: test-split records in the index, each as an image, "
+                        "a text and an image-text item; eval: candidate pool size per task "
+                        f"(default: {both('candidates')})")
+    parser.add_argument("--queries", type=int, help=f"test queries per task (default: {both('queries')})")
+    parser.add_argument("--train-records", type=int, default=1000,
+                        help="system: train-split records giving each task's training pairs; their three views "
+                             "are indexed as the pairs' targets (default: 1000)")
+    parser.add_argument("--actors", type=int, default=2, help="system: embed/quantize actors of the build (default: 2)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="system: client threads sending the recall queries (default: 4)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="system: build the index even when its inputs are unchanged")
+    parser.add_argument("--beam", type=int, default=20, help="beam size (default: 20)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
-    parser.add_argument("--quantizer-epochs", type=int, default=20, help="stage-2 epochs (default: 20)")
-    parser.add_argument("--decoder-epochs", type=int, default=20, help="stage-3 epochs (default: 20)")
-    parser.add_argument("--examples", type=int, default=4, help="example queries to print (default: 4)")
+    parser.add_argument("--quantizer-epochs", type=int, help=f"stage-2 epochs (default: {both('quantizer_epochs')})")
+    parser.add_argument("--decoder-epochs", type=int, help=f"stage-3 epochs (default: {both('decoder_epochs')})")
+    parser.add_argument("--examples", type=int,
+                        help=f"example queries (system: per combination; default: {both('examples')})")
     parser.add_argument("--seed", type=int, default=0)
 
 
