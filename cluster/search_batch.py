@@ -35,7 +35,8 @@ def plan_units(queries: str, unit_rows: int) -> list[dict[str, Any]]:
                 for a in range(0, n, unit_rows)]
     from cluster.train_cli import resolve_shards
 
-    return [{"name": f"{i:06d}-{p.name}", "shard": str(Path(p).resolve())} for i, p in enumerate(resolve_shards(queries))]
+    return [{"name": f"{i:06d}-{Path(str(p)).name}", "shard": p if isinstance(p, str) else str(Path(p).resolve())}
+            for i, p in enumerate(resolve_shards(queries))]
 
 
 def read_unit(unit: dict[str, Any]):

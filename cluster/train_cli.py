@@ -28,10 +28,13 @@ HISTORY_FILE = "train_history.json"
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's key.ext split
 
 
-def resolve_shards(spec: str) -> list[Path]:
-    """A folder (its manifest's shards, else its *.tar), a glob, a brace pattern or one file."""
-    from genius.data.shards import ShardReader
+def resolve_shards(spec: str) -> list[Path | str]:
+    """A folder (its manifest's shards, else its *.tar), a glob, a brace pattern, one file, or
+    URLs WebDataset opens (strings; reachability is checked when they are read)."""
+    from genius.data.shards import ShardReader, is_url
 
+    if is_url(spec):
+        return ShardReader(spec).paths
     if any(c in spec for c in "*?[") and not Path(spec).exists():
         paths = sorted(Path(p) for p in glob.glob(spec))
         if not paths:
@@ -46,10 +49,12 @@ def resolve_shards(spec: str) -> list[Path]:
     return paths
 
 
-def _manifest_pairs(shard: Path) -> int | None:
-    """Image-text records of `shard` per its folder's shards.json, None when not listed."""
+def _manifest_pairs(shard: Path | str) -> int | None:
+    """Image-text records of `shard` per its folder's shards.json, None when not listed (or a URL)."""
     from genius.data.shards import read_manifest
 
+    if isinstance(shard, str):
+        return None
     try:
         manifest = read_manifest(shard.parent)
     except (ValueError, OSError):

@@ -96,12 +96,13 @@ def embed_shard(encoder, shard: str | os.PathLike, out: str | os.PathLike, batch
                 max_pixels: int | None = None) -> ShardReport:
     """Embed every good record of one shard into `out` (Parquet, written atomically)."""
     t0 = time.perf_counter()
-    shard, out = Path(shard), Path(out)
+    shard, out = str(shard), Path(out)  # a shard may be a URL: not a Path
     stats = ReadStats()
     reader = ShardReader([shard], check_images="none", max_pixels=max_pixels, stats=stats)
     skipped: Counter[str] = Counter()
     keys, modalities, vectors, sources, metadata = [], [], [], [], []
     pending: dict[Modality, list[Record]] = {m: [] for m in Modality}
+    shard_name = shard.rstrip("/").rsplit("/", 1)[-1]
 
     def flush(modality: Modality) -> None:
         good, emb = _encode_skipping(encoder, modality, pending[modality], skipped, str(shard))
@@ -110,7 +111,7 @@ def embed_shard(encoder, shard: str | os.PathLike, out: str | os.PathLike, batch
             keys.append(record.key)
             modalities.append(modality.name.lower())
             vectors.append(vector)
-            sources.append(f"{shard.name}/{record.key}")
+            sources.append(f"{shard_name}/{record.key}")
             metadata.append(json.dumps(record.meta, sort_keys=True, ensure_ascii=False) if record.meta else None)
 
     for record in reader:

@@ -14,7 +14,9 @@ written under a hidden temporary name and renamed when complete; the manifest is
 written last, so its presence means the conversion finished.
 
 `iter_shards` / `ShardReader` read these shards and those of standard tools (e.g.
-img2dataset's ``00000.tar`` with ``key.jpg``, ``key.txt``, ``key.json``). A shard that
+img2dataset's ``00000.tar`` with ``key.jpg``, ``key.txt``, ``key.json``), from local paths or
+any URL WebDataset opens (``http(s)://``, ``pipe:CMD``, ``gs://``, ``hf://``, ...: fetched with
+``webdataset.gopen`` into a temporary file, then read like a local shard). A shard that
 cannot be opened, a truncated shard, a corrupt tar region, or a bad member (bad JSON,
 invalid UTF-8, an undecodable image) is counted in `ReadStats` by reason and logged
 with the shard file and the record key, and the reader goes on with the next record.
@@ -409,11 +411,40 @@ class _Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
+def is_url(text: str) -> bool:
+    """A shard name WebDataset opens as a stream (http(s)://, pipe:, gs://, ...), not a local path."""
+    return text.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None \
+        and not text.startswith("file://")
+
+
+def fetch_shard(url: str, folder: str | None = None) -> Path:
+    """Copy the shard at `url` into a temporary file (the reader seeks to find corrupt regions;
+    streams cannot). Raises OSError naming the URL when the stream fails."""
+    import shutil
+    import tempfile
+
+    from webdataset.gopen import gopen
+
+    fd, name = tempfile.mkstemp(prefix="genius-shard-", suffix=".tar", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            stream = gopen(url, "rb")
+            try:
+                shutil.copyfileobj(stream, out, 1 << 20)
+            finally:
+                stream.close()  # a pipe's exit status is checked here
+    except Exception as e:
+        Path(name).unlink(missing_ok=True)
+        raise OSError(f"{url}: cannot fetch the shard: {e}") from e
+    return Path(name)
+
+
 class ShardReader:
     """Iterate over the records of WebDataset shards; `stats` says what was read and skipped.
 
     `paths`: shard files, folders (their `shards.json` when present, else every
-    ``*.tar``/``*.tar.gz`` in them), or brace patterns like ``data-{000000..000009}.tar``.
+    ``*.tar``/``*.tar.gz`` in them), brace patterns like ``data-{000000..000009}.tar``, or URLs
+    WebDataset opens (``https://host/data-{000000..000009}.tar``, ``pipe:aws s3 cp s3://b/x.tar -``).
     `check_images`: 'verify' checks each image's structure and checksums without decoding
     pixels (cheap), 'decode' decodes it with the encoders' size bound, 'none' trusts it.
     Keys are checked for duplicates within a shard only (a global set would not scale).
@@ -436,16 +467,20 @@ class ShardReader:
         self.paths = self._resolve(paths)
 
     # --- shard list ----------------------------------------------------------------
-    def _resolve(self, paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    def _resolve(self, paths: str | Path | Iterable[str | Path]) -> list[Path | str]:
+        """Local shards as Paths, URLs as strings (a Path would fold their '//')."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        out: list[Path] = []
+        out: list[Path | str] = []
         for p in paths:
             text = str(p)
             if "{" in text and ".." in text:
                 import braceexpand  # a WebDataset dependency
 
-                out.extend(Path(x) for x in braceexpand.braceexpand(text))
+                out.extend(x if is_url(x) else Path(x) for x in braceexpand.braceexpand(text))
+                continue
+            if isinstance(p, str) and is_url(p):
+                out.append(p)  # an unreachable URL is reported when read, not here
                 continue
             path = Path(p)
             if not path.is_dir():
@@ -481,9 +516,24 @@ class ShardReader:
         level = logging.WARNING if counts[reason] <= _MAX_WARNINGS_PER_REASON else logging.DEBUG
         log.log(level, "%s: skipped record %r (%s): %s", path, key, reason, detail)
 
-    def _read_shard(self, path: Path) -> Iterator[Record]:
+    def _read_shard(self, path: Path | str) -> Iterator[Record]:
+        if not is_url(str(path)):
+            yield from self._read_tar(path, path)
+            return
         try:
-            tar = tarfile.open(path, "r:*", ignore_zeros=True)  # ignore_zeros: resync after a bad header
+            local = fetch_shard(str(path))
+        except Exception as e:  # noqa: BLE001 - unreachable host, 404, failing pipe command, ...
+            self._shard_error(path, "unreadable_shard", str(e))
+            return
+        try:
+            yield from self._read_tar(local, path)
+        finally:
+            local.unlink(missing_ok=True)
+
+    def _read_tar(self, local: Path | str, path: Path | str) -> Iterator[Record]:
+        """Records of the tar file `local`; messages and sources name the shard `path`."""
+        try:
+            tar = tarfile.open(local, "r:*", ignore_zeros=True)  # ignore_zeros: resync after a bad header
         except Exception as e:  # noqa: BLE001 - missing, not a tar, bad gzip, ...
             self._shard_error(path, "unreadable_shard", str(e))
             return

@@ -133,3 +133,13 @@ def test_fit_uses_a_stage1_encoder_folder(tmp_path, capsys):
     stored = dict(index.encoder.named_parameters())
     for name, param in encoder.named_parameters():
         assert torch.equal(stored[name].cpu(), param.detach().cpu()), name
+
+
+def test_shard_patterns_keep_urls_whole():
+    """`--shards` given URLs (index build, add, search-batch, train encoder) stays URLs: brace
+    patterns expanded, no '//' folded by a Path."""
+    from cluster.train_cli import resolve_shards
+
+    assert resolve_shards("https://data.example/fm-{000..002}.tar") == [
+        f"https://data.example/fm-{i:03d}.tar" for i in range(3)]
+    assert resolve_shards("pipe:aws s3 cp s3://bucket/fm-000.tar -") == ["pipe:aws s3 cp s3://bucket/fm-000.tar -"]

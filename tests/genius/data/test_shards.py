@@ -238,3 +238,56 @@ def test_gzipped_and_concatenated_shards(tmp_path):
     stats = ReadStats()
     list(iter_shards(gz, stats=stats))
     assert not stats.ok and stats.failed_shards == [str(gz)]
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_shards_from_urls_http_and_pipe(http_folder, tmp_path):
+    """http:// brace patterns and pipe: commands read like local shards; a 404 and a failing
+    command are counted as unreadable shards, named by URL; damaged records still counted."""
+    www, base = http_folder
+    records = _records(5)
+    _write(www, records)  # demo-000000..000002.tar
+    _tar(www / "bad.tar", [("k1.txt", b"fine text"), ("k2.txt", b"\xff\xfe not utf-8")])
+    stats = ReadStats()
+    urls = [f"{base}/demo-{{000000..000002}}.tar", f"pipe:cat {www / 'bad.tar'}", f"{base}/missing.tar",
+            "pipe:false"]
+    reader = ShardReader(urls, stats=stats)
+    assert all(isinstance(p, str) and ("://" in p or p.startswith("pipe:")) for p in reader.paths)
+    back = list(reader)
+    assert [r.key for r in back] == [r.key for r in records] + ["k1"]
+    assert [r.image for r in back[:5]] == [r.image for r in records]
+    assert back[0].shard == f"{base}/demo-000000.tar"
+    assert stats.skipped == {"bad_text": 1} and stats.shard_errors == {"unreadable_shard": 2}
+    assert sorted(stats.failed_shards) == sorted([f"{base}/missing.tar", "pipe:false"])
+    assert not list(Path(__import__("tempfile").gettempdir()).glob("genius-shard-*"))  # fetched copies removed
+
+
+def test_embed_shard_reads_a_url(http_folder, tmp_path):
+    import pyarrow.parquet as pq
+
+    from genius.encoders import EncoderConfig, MultimodalEncoder
+    from genius.shard_jobs import embed_shard
+
+    www, base = http_folder
+    _write(www, _records(4), shard_size=10)
+    report = embed_shard(MultimodalEncoder.from_config(EncoderConfig()), f"{base}/demo-000000.tar",
+                         tmp_path / "out.parquet")
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert report.rows == 4 and table.column("source").to_pylist()[0] == "demo-000000.tar/item-000"
