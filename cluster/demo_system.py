@@ -200,10 +200,21 @@ def held_out_queries(test_tasks: Sequence, meta_of: dict[str, dict]) -> list[Que
             label = int(key.rsplit("/to-", 1)[1]) if "/to-" in key else int(meta["label"])
             original = task.test_queries.texts[i] if task.test_queries.texts is not None else None
             shown = " + ".join(part for part in (
-                f"<image of a {meta['class_name']}>" if Modality(int(task.test_queries.modality[i])) != Modality.TEXT
+                f"<image: {meta['class_name']}>" if Modality(int(task.test_queries.modality[i])) != Modality.TEXT
                 else None, f"{original!r}" if original else None) if part)
             out.append(Query(task.short_name, key, sent.texts[i] if sent.texts is not None else None,
                              sent.images[i] if sent.images is not None else None, target.name.lower(), label, shown))
+    return out
+
+
+def pick_examples(queries: Sequence[Query], count: int) -> list[Query]:
+    """`count` queries per combination; the tasks share their query records, so each
+    combination takes the next ones (other items in each printout)."""
+    out = []
+    for i, combination in enumerate(dict.fromkeys(q.combination for q in queries)):
+        mine = [q for q in queries if q.combination == combination]
+        start = (i * count) % max(len(mine), 1)
+        out += (mine[start:] + mine[:start])[:count]
     return out
 
 
@@ -235,12 +246,15 @@ def build_index(config: SystemDemoConfig, shards: Path, pairs: Path, encoder_dir
                         batch_size=256, encoder=str(encoder_dir), pairs=str(pairs),
                         quantizer_epochs=config.quantizer_epochs, decoder_epochs=config.decoder_epochs,
                         seed=config.seed, progress=False)
-    # One CPU per actor plus one for the Ray Train coordinator; worker logs stay in /tmp/ray.
-    ray.init(num_cpus=int(config.actors * cpus_per_actor) + 1, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # a caller's own Ray is used as it is, and left running
+    if started:
+        # One CPU per actor plus one for the Ray Train coordinator; worker logs stay in /tmp/ray.
+        ray.init(num_cpus=int(config.actors * cpus_per_actor) + 1, include_dashboard=False, log_to_driver=False)
     try:
         return Build(build).run()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- serving
@@ -292,6 +306,7 @@ def recall_table(answers: Sequence[Answer], composition: Counter) -> list[dict[s
         for k in KS:
             row[f"chance@{k}"] = round(float(np.mean([chance(n, composition[(modality, a.query.target_label)], k)
                                                       for a in mine])), 4)
+        row["with_hits"] = sum(bool(a.keys) for a in mine)
         row["precision@10"] = round(float(np.mean([sum(h[:10]) / 10 for h in hits])), 4)
         row["chance_precision@10"] = round(float(np.mean([composition[(modality, a.query.target_label)] / max(n, 1)
                                                           for a in mine])), 4)
@@ -317,7 +332,7 @@ def print_examples(answers: Sequence[Answer]) -> None:
         for a in (x for x in answers if x.query.combination == combination):
             shown = [f"{meta.get('class_name', key)} ({m}){'*' if ok else ''}"
                      for key, m, meta, ok in zip(a.keys, a.modalities, a.metadata, relevant(a))]
-            sent = f"  [sent text {a.query.text!r}]" if a.query.text else ""
+            sent = f"  (sent with text {a.query.text!r})" if a.query.text else ""
             print(f"    {a.query.shown}{sent}\n      -> {', '.join(shown) or '(no hits)'}")
 
 
@@ -330,7 +345,8 @@ def serve_and_query(index: Path, queries: Sequence[Query], examples: Sequence[Qu
     with steps("serve local"):
         cluster = serve_local(str(index))
         log.info("serving %s: replica at %s, %d shard server(s)", index, cluster.address, len(cluster.shards))
-    info: dict[str, Any] = {"address": cluster.address, "shard_servers": len(cluster.shards)}
+    info: dict[str, Any] = {"address": cluster.address,
+                            "shard_addresses": [a for n in sorted(cluster.shard_map) for a in cluster.shard_map[n]]}
     try:
         with SearchClient(cluster.address) as client:
             with steps("example queries"):
@@ -406,8 +422,7 @@ def run(config: SystemDemoConfig) -> dict[str, Any]:
             log.info("built %s: %d items; stage seconds %s", result.version, result.items, result.stage_seconds)
             stamp.write_text(json.dumps({"fingerprint": inputs, "build": built}, indent=2))
     queries = held_out_queries(test_tasks, meta_of)
-    examples = [q for c in dict.fromkeys(q.combination for q in queries)
-                for q in [q for q in queries if q.combination == c][: config.examples]]
+    examples = pick_examples(queries, config.examples)
     shown, answers, serving = serve_and_query(index, queries, examples, config, steps)
     composition = Counter((key.split("/")[1], meta_of[key.split("/")[0]]["label"]) for key, _, _ in items)
     rows = recall_table(answers, composition)

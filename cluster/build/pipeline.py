@@ -305,14 +305,19 @@ class Build:
         }
 
     def train_quantizer(self) -> None:
-        from cluster.build.training import quantizer_loop, run_trainer
+        from cluster.build.training import prepare_pair_arrays, quantizer_loop, run_trainer
 
         if self.job.is_done("train:quantizer"):
             return
         started = time.perf_counter()
         index = self.index_config()
-        run_trainer(quantizer_loop, self._trainer_config(index), 1, self._gpus_per_actor() > 0,
-                    self.work / "train", f"quantizer-{self.job_id}")
+        pairs = self.work / "train" / "pairs-for-quantizer"
+        if not self.job.is_done("pairs-for-quantizer"):
+            kept = prepare_pair_arrays(self.work, [self._embeddings(u) for u in self._good_units()], pairs)
+            self.job.done("pairs-for-quantizer", pairs / "pair-queries.npy", rows=kept)
+        config = {**self._trainer_config(index), "pair_arrays": str(pairs.resolve())}
+        run_trainer(quantizer_loop, config, 1, self._gpus_per_actor() > 0, self.work / "train",
+                    f"quantizer-{self.job_id}")
         self.job.done("train:quantizer", self.work / "model" / "quantizer.pt")
         self._time("train_quantizer", started)
 
@@ -394,7 +399,8 @@ class Build:
         self._time("merge", started)
 
     def train_decoder(self) -> None:
-        from cluster.build.training import decoder_loop, prepare_item_arrays, run_trainer
+        from cluster.build.training import decoder_loop, prepare_item_arrays, prepare_pair_arrays, run_trainer
+        from genius.idcodec import IdCodec
 
         if self.job.is_done("train:decoder"):
             return
@@ -406,7 +412,14 @@ class Build:
             prepare_item_arrays([self._ids(u) for u in self._good_units()], q.num_levels, q.codebook_size,
                                 q.use_modality_code, arrays)
             self.job.done("items-for-training", arrays / "item-codes.npy")
-        config = {**self._trainer_config(index), "item_arrays": str(arrays.resolve())}
+        pairs = self.work / "train" / "pairs-for-decoder"
+        if not self.job.is_done("pairs-for-decoder"):
+            q = index.quantizer
+            kept = prepare_pair_arrays(self.work, [self._ids(u) for u in self._good_units()], pairs,
+                                       IdCodec(q.num_levels, q.codebook_size), q.use_modality_code)
+            self.job.done("pairs-for-decoder", pairs / "pair-codes.npy", rows=kept)
+        config = {**self._trainer_config(index), "item_arrays": str(arrays.resolve()),
+                  "pair_arrays": str(pairs.resolve())}
         run_trainer(decoder_loop, config, self.config.train_workers, self._gpus_per_actor() > 0,
                     self.work / "train", f"decoder-{self.job_id}")
         self.job.done("train:decoder", self.work / "model" / "decoder.pt")

@@ -1,9 +1,10 @@
 """Stages 2 and 3 of a cluster build as Ray Train jobs (TorchTrainer; gloo on CPUs, nccl on GPUs).
 
-Both read the build's per-shard outputs from the job folder (a shared file system on a real
-cluster): the training pairs (`pairs.parquet`: query vector -> target key), the embeddings
-tables (stage 2: the pairs' targets and a sample of items for the k-means init and EMA) and
-the ID tables (stage 3: the targets' codes and, for the indexing task, every item).
+Both read from the job folder (a shared file system on a real cluster) arrays the driver
+streams once out of the per-shard outputs and memory-maps: the training pairs joined with their
+targets (`prepare_pair_arrays`: query vector and modality, target vector, modality and, for
+stage 3, codes) and every item's vector and codes for stage 3's indexing task
+(`prepare_item_arrays`); stage 2 also samples items from the embeddings tables.
 
 Stage 2 runs on one worker: its EMA codebooks, k-means init and dead-code restarts are not
 data-parallel (each rank would restart different codes); it trains on a sample of pairs, which
@@ -13,13 +14,13 @@ which a rerun continues. Rank 0 writes the weights atomically into the job's mod
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -65,44 +66,93 @@ def prepare_item_arrays(id_tables: list[Path], num_levels: int, codebook_size: i
     write_atomic(out / MODALITY_MEANS, lambda f: np.save(f, (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)))
 
 
-def _lookup(tables: list[Path], keys: list[str], columns: list[str]) -> dict[str, dict[str, Any]]:
-    """Rows of the given keys found in any of the tables, by key (a scan, one table at a time)."""
-    wanted = pa.array(sorted(set(keys)), pa.string())
-    found: dict[str, dict[str, Any]] = {}
-    for path in tables:
-        table = pq.read_table(path, columns=["key", *columns])
-        hit = table.filter(pc.is_in(table.column("key"), value_set=wanted))
-        for row in hit.to_pylist():
-            found.setdefault(row["key"], row)
-    return found
+PAIR_QUERIES, PAIR_QUERY_MODALITY = "pair-queries.npy", "pair-query-modality.npy"
+PAIR_TARGETS, PAIR_TARGET_MODALITY, PAIR_TARGET_CODES = "pair-targets.npy", "pair-target-modality.npy", "pair-codes.npy"
 
 
-def _vectors(rows: list[dict[str, Any]], name: str = "vector") -> np.ndarray:
-    return np.asarray([r[name] for r in rows], dtype=np.float32)
+def _locate_targets(targets: pa.Array, tables: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """For every pair, the table and row holding its target key (-1: not indexed); the first
+    table wins (as the merge keeps a duplicate key's first occurrence). Only key columns are read."""
+    where_table = np.full(len(targets), -1, dtype=np.int32)
+    where_row = np.zeros(len(targets), dtype=np.int64)
+    pairs = pa.table({"target": targets, "pair": pa.array(np.arange(len(targets)))})
+    for t, path in enumerate(tables):
+        keys = pq.read_table(path, columns=["key"])
+        keys = keys.append_column("row", pa.array(np.arange(len(keys))))
+        hit = pairs.join(keys, keys="target", right_keys="key", join_type="inner", use_threads=False)
+        pair = hit.column("pair").to_numpy()
+        row = hit.column("row").to_numpy()
+        fresh = where_table[pair] < 0
+        where_table[pair[fresh]] = t
+        where_row[pair[fresh]] = row[fresh]
+    return where_table, where_row
 
 
-def load_pairs(work: Path, tables: list[Path], extra: list[str]) -> dict[str, np.ndarray]:
-    """Query vectors, their modality, and the targets' vectors, modality and `extra` columns."""
+def prepare_pair_arrays(work: Path, tables: list[Path], out: Path, codec=None, use_modality_code: bool = True) -> int:
+    """Stream pairs.parquet and the target rows of `tables` into memory-mapped arrays: query
+    vectors (float32) and modality, target vectors (fp16) and modality and, given the ID
+    `codec` (ID tables), the targets' codes. Pairs whose target was not indexed are left out.
+    Memory: the pairs' target keys and row numbers, one table at a time; returns the pairs kept."""
+    from genius.atomic import write_atomic
     from genius.modality import Modality
+    from genius.shard_jobs import read_modality, read_vectors
+    from genius.store.item_table import id_view
 
-    pairs = pq.read_table(work / PAIRS_FILE).to_pylist()
-    targets = _lookup(tables, [p["target"] for p in pairs], ["modality", "vector", *extra])
-    kept = [p for p in pairs if p["target"] in targets]
-    if len(kept) < len(pairs):
+    pairs_file = pq.ParquetFile(work / PAIRS_FILE)
+    targets = pq.read_table(work / PAIRS_FILE, columns=["target"]).column("target").combine_chunks()
+    where_table, where_row = _locate_targets(targets, tables)
+    kept = np.flatnonzero(where_table >= 0)
+    if len(kept) < len(targets):
         log.warning("%d training pairs point to keys that were not indexed (skipped records?): left out",
-                    len(pairs) - len(kept))
-    if not kept:
+                    len(targets) - len(kept))
+    if len(kept) == 0:
         raise ValueError("no training pair has a target among the indexed items")
-    rows = [targets[p["target"]] for p in kept]
-    out = {
-        "query": _vectors(kept, "query_vector"),
-        "query_modality": np.array([int(Modality.parse(p["query_modality"])) for p in kept], dtype=np.int64),
-        "target": _vectors(rows),
-        "target_modality": np.array([int(Modality.parse(r["modality"])) for r in rows], dtype=np.int64),
-    }
-    for name in extra:
-        out[name] = [r[name] for r in rows]
-    return out
+    slot = np.full(len(targets), -1, dtype=np.int64)
+    slot[kept] = np.arange(len(kept))
+    dim = pq.read_schema(tables[0]).field("vector").type.list_size
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {PAIR_QUERIES: (np.float32, (len(kept), dim)), PAIR_QUERY_MODALITY: (np.int64, (len(kept),)),
+              PAIR_TARGETS: (np.float16, (len(kept), dim)), PAIR_TARGET_MODALITY: (np.int64, (len(kept),))}
+    if codec is not None:
+        arrays[PAIR_TARGET_CODES] = (np.int32, (len(kept), 1 + codec.num_levels))
+    maps = {name: np.lib.format.open_memmap(out / f".{name}.tmp", mode="w+", dtype=dtype, shape=shape)
+            for name, (dtype, shape) in arrays.items()}
+    start = 0
+    for batch in pairs_file.iter_batches(batch_size=65_536, columns=["query_vector", "query_modality"]):
+        rows = slot[start : start + batch.num_rows]
+        good = rows >= 0
+        vectors = batch.column("query_vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)
+        modality = np.array([int(Modality.parse(m)) for m in batch.column("query_modality").to_pylist()])
+        maps[PAIR_QUERIES][rows[good]] = vectors[good]
+        maps[PAIR_QUERY_MODALITY][rows[good]] = modality[good]
+        start += batch.num_rows
+    columns = ["modality", "vector", *(["id"] if codec is not None else [])]
+    for t, path in enumerate(tables):
+        mine = np.flatnonzero(where_table == t)
+        if len(mine) == 0:
+            continue
+        part = pq.read_table(path, columns=columns).take(pa.array(where_row[mine]))
+        modality = read_modality(part)
+        maps[PAIR_TARGETS][slot[mine]] = read_vectors(part)
+        maps[PAIR_TARGET_MODALITY][slot[mine]] = modality
+        if codec is not None:
+            code0 = modality if use_modality_code else np.zeros_like(modality)
+            codes = codec.unpack(id_view(part.column("id"), codec.width))
+            maps[PAIR_TARGET_CODES][slot[mine]] = np.concatenate([code0[:, None], codes], 1)
+    for name, array in maps.items():
+        array.flush()
+    maps.clear()
+    for name in arrays:
+        (out / f".{name}.tmp").replace(out / name)
+    write_atomic(out / "pairs.json", lambda f: f.write(json.dumps({"pairs": int(len(kept))}).encode()))
+    return int(len(kept))
+
+
+def open_pair_arrays(folder: Path) -> dict[str, np.ndarray]:
+    """The arrays prepare_pair_arrays wrote, memory-mapped (read a batch at a time by training)."""
+    names = {"query": PAIR_QUERIES, "query_modality": PAIR_QUERY_MODALITY, "target": PAIR_TARGETS,
+             "target_modality": PAIR_TARGET_MODALITY, "codes": PAIR_TARGET_CODES}
+    return {key: np.load(folder / name, mmap_mode="r") for key, name in names.items() if (folder / name).exists()}
 
 
 def sample_items(tables: list[Path], limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,16 +181,18 @@ def quantizer_loop(config: dict[str, Any]) -> None:
     from genius.quantizer import ModalResidualQuantizer, QuantizerConfig, train_quantizer
 
     torch.set_num_threads(max(1, int(config["threads"])))
-    work = Path(config["work"])
     tables = [Path(p) for p in config["embeddings"]]
     qcfg = QuantizerConfig(**config["quantizer"])
     torch.manual_seed(qcfg.seed)
-    pairs = load_pairs(work, tables, [])
+    # A sample of the pairs (as of the items): stage 2's memory is bounded by --item-sample.
+    pairs = open_pair_arrays(Path(config["pair_arrays"]))
+    chosen = np.sort(np.random.default_rng(qcfg.seed).permutation(len(pairs["query"]))[: config["item_sample"]])
+    sample = {name: np.asarray(array[chosen]) for name, array in pairs.items()}
     items, item_modality = sample_items(tables, config["item_sample"], qcfg.seed)
-    quantizer = ModalResidualQuantizer.from_config(pairs["query"].shape[1], qcfg)
-    history = train_quantizer(quantizer, pairs["query"], pairs["target"], pairs["target_modality"],
-                              item_emb=items, item_modality=item_modality, config=qcfg, progress=False,
-                              query_modality=pairs["query_modality"])
+    quantizer = ModalResidualQuantizer.from_config(sample["query"].shape[1], qcfg)
+    history = train_quantizer(quantizer, sample["query"], sample["target"].astype(np.float32),
+                              sample["target_modality"], item_emb=items, item_modality=item_modality, config=qcfg,
+                              progress=False, query_modality=sample["query_modality"])
     if ray.train.get_context().get_world_rank() == 0:
         out = Path(config["model_dir"])
         out.mkdir(parents=True, exist_ok=True)
@@ -157,27 +209,18 @@ def decoder_loop(config: dict[str, Any]) -> None:
     from genius.atomic import write_atomic
     from genius.decoder import DecoderConfig, GeniusDecoder
     from genius.decoder_training import DecoderTrainConfig, train_decoder
-    from genius.idcodec import IdCodec
     from genius.quantizer import QuantizerConfig
     from genius.store.model_files import load_quantizer
 
     torch.set_num_threads(max(1, int(config["threads"])))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    work = Path(config["work"])
-    id_tables = [Path(p) for p in config["id_tables"]]
     qcfg = QuantizerConfig(**config["quantizer"])
-    codec = IdCodec(qcfg.num_levels, qcfg.codebook_size)
     quantizer = load_quantizer(Path(config["model_dir"]), qcfg, config["embed_dim"])
-
-    def codes_of(modality: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        code0 = modality if qcfg.use_modality_code else np.zeros_like(modality)
-        return np.concatenate([code0[:, None], codec.unpack(ids)], axis=1)
-
-    pairs = load_pairs(work, id_tables, ["id"])
-    target_ids = np.frombuffer(b"".join(pairs["id"]), dtype=np.uint8).reshape(-1, codec.width)
-    # Every item's vector and codes, memory-mapped (written by prepare_item_arrays): the indexing
-    # task reads them a batch at a time instead of holding the corpus in each worker's memory.
+    # The pairs and every item's vector and codes, memory-mapped (prepare_pair_arrays,
+    # prepare_item_arrays): training gathers a batch at a time instead of holding them in each
+    # worker's memory.
+    pairs = open_pair_arrays(Path(config["pair_arrays"]))
     arrays = Path(config["item_arrays"])
     item_vectors = np.load(arrays / ITEM_VECTORS, mmap_mode="r")
     item_codes = np.load(arrays / ITEM_CODES, mmap_mode="r")
@@ -197,8 +240,7 @@ def decoder_loop(config: dict[str, Any]) -> None:
             write_atomic(ckpt, lambda f: torch.save(state, f))
 
     history = train_decoder(
-        decoder, torch.from_numpy(pairs["query"]), torch.from_numpy(pairs["target"]),
-        torch.from_numpy(codes_of(pairs["target_modality"], target_ids)), tcfg,
+        decoder, pairs["query"], pairs["target"], pairs["codes"], tcfg,
         item_emb=item_vectors, item_codes=item_codes, progress=False, rank=rank, world_size=world, model=model if world > 1 else None,
         checkpoint=save_checkpoint, resume=resume,
     )

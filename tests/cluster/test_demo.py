@@ -1,9 +1,15 @@
-"""`genius demo` end to end on a small fake Fashion-MNIST (the real one is a Debian package)."""
+"""`genius demo` end to end on a small fake Fashion-MNIST (the real one is a Debian package):
+the in-process evaluation (--mode eval) and the served system (default: Ray build, gRPC)."""
 import json
 import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
 
 from cluster.cli import main
-from tests.genius.data.fakes import fake_fashion_mnist
+from tests.genius.data.fakes import fake_fashion_mnist, write_idx
 
 
 def test_demo_runs_every_stage_and_writes_its_report(tmp_path, capsys, caplog):
@@ -11,8 +17,9 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path, capsys, caplog):
     source = tmp_path / "fmnist"
     fake_fashion_mnist(source, n_train=300, n_test=120)
     out = tmp_path / "demo"
-    args = ["demo", "--source", str(source), "--out", str(out), "--stage1-steps", "3", "--candidates", "60",
-            "--queries", "20", "--beam", "5", "--quantizer-epochs", "1", "--decoder-epochs", "1", "--threads", "1"]
+    args = ["demo", "--mode", "eval", "--source", str(source), "--out", str(out), "--stage1-steps", "3",
+            "--candidates", "60", "--queries", "20", "--beam", "5", "--quantizer-epochs", "1", "--decoder-epochs", "1",
+            "--threads", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "exact kNN" in printed and "GENIUS" in printed
@@ -26,3 +33,73 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path, capsys, caplog):
     assert main(args) == 0
     assert "reusing the stage-1 encoder" in caplog.text
     assert "converting Fashion-MNIST" not in caplog.text
+
+
+def class_patterned_fashion_mnist(folder: Path, n_train: int, n_test: int) -> None:
+    """Fashion-MNIST-format files whose images show their class (a bar whose row is the
+    label, at a random intensity), so that image queries can beat chance too."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = np.zeros((n, 28, 28), np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label : 5 + 2 * label, 4:24] = rng.integers(120, 255)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def answers(address: str) -> bool:
+    from genius.client import SearchClient
+
+    try:
+        with SearchClient(address, timeout=3.0) as client:
+            client.search(text="retrieve an image: a dress", k=1)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_served_demo_builds_on_ray_serves_over_grpc_and_stops(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    source = tmp_path / "fmnist"
+    class_patterned_fashion_mnist(source, n_train=400, n_test=120)
+    out = tmp_path / "demo"
+    args = ["demo", "--source", str(source), "--out", str(out), "--stage1-steps", "20", "--candidates", "30",
+            "--queries", "20", "--train-records", "100", "--quantizer-epochs", "3", "--decoder-epochs", "3",
+            "--threads", "1", "--examples", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "recall.json").read_text())
+    combinations = ["text->image", "image->text", "text->image_text", "image->image", "image_text->image"]
+    # The index was built by the Ray pipeline and published; the servers answered every query.
+    assert "Started a local Ray instance" in caplog.text or "build " in caplog.text
+    assert summary["build"]["items"] == 3 * (30 + 100)
+    assert summary["serving"]["versions"] == ["v-0"] and summary["serving"]["partial"] == 0
+    rows = {r["combination"]: r for r in summary["recall"]}
+    assert list(rows) == combinations
+    for name, row in rows.items():
+        assert row["queries"] > 0 and row["with_hits"] == row["queries"], name  # every query got hits
+        assert f"\n  {name}\n" in printed
+    assert "(no hits)" not in printed
+    for modality in ("image", "text", "image_text"):
+        assert f"({modality})" in printed
+    assert "| text->image_text |" in (out / "recall.md").read_text()
+    # A tiny corpus and a few epochs: the combinations whose target carries the caption, or whose
+    # query names the class, are clearly above chance; over all of them recall@1 beats chance.
+    assert rows["text->image_text"]["recall@1"] > rows["text->image_text"]["chance@1"] + 0.2
+    assert rows["image_text->image"]["recall@1"] > rows["image_text->image"]["chance@1"]
+    assert np.mean([r["recall@1"] for r in rows.values()]) > np.mean([r["chance@1"] for r in rows.values()])
+    # The servers are stopped: neither the replica nor a shard server answers any more.
+    assert not answers(summary["serving"]["address"])
+    for address in summary["serving"]["shard_addresses"]:
+        channel = grpc.insecure_channel(address)
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=1.0)
+        channel.close()
+    # A second run reuses shards, encoder and index (no Ray), and serves again.
+    caplog.clear()
+    assert main(args) == 0
+    assert "reusing the index" in caplog.text and "reusing the stage-1 encoder" in caplog.text
+    assert "converting Fashion-MNIST" not in caplog.text
+    assert json.loads((out / "recall.json").read_text())["index_reused"] is True
