@@ -34,6 +34,7 @@ class ServedResult(SearchResult):
     missing_shards: list[str] = field(default_factory=list)
     ids: list[list[bytes]] = field(default_factory=list)
     metadata: list[list[str]] = field(default_factory=list)
+    sources: list[list[str]] = field(default_factory=list)
 
 
 def _channel_args(round_robin: bool, max_message_bytes: int) -> list[tuple[str, object]]:
@@ -60,7 +61,7 @@ def _result(reply) -> ServedResult:
         scores=np.array([[h.score for h in hits]], dtype=np.float64).reshape(1, len(hits)),
         keys=[[h.key for h in hits]], modalities=[[PROTO_TO_MODALITY[h.modality] for h in hits]],
         version=reply.index_version, partial=reply.partial, missing_shards=list(reply.missing_shards),
-        ids=[[h.id for h in hits]], metadata=[[h.metadata for h in hits]])
+        ids=[[h.id for h in hits]], metadata=[[h.metadata for h in hits]], sources=[[h.source for h in hits]])
 
 
 class _Base:

@@ -288,7 +288,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def _response(served: ServedVersion, items: np.ndarray, scores: np.ndarray, missing: list[str]):
         rows = served.index.items.rows(items).to_pylist() if len(items) else []
         hits = [search_pb2.Hit(key=r["key"], modality=MODALITY_TO_PROTO[Modality.parse(r["modality"])], score=float(s),
-                               id=r["id"], metadata=r["metadata"] or "", item=int(r["item"]))
+                               id=r["id"], metadata=r["metadata"] or "", item=int(r["item"]), source=r["source"] or "")
                 for r, s in zip(rows, scores)]
         return search_pb2.SearchResponse(hits=hits, index_version=served.name, partial=bool(missing),
                                          missing_shards=missing)

@@ -394,7 +394,8 @@ class Build:
                   progress=self.config.progress)
         merged = m.combine_outputs(tasks, [outputs[t.partition.name] for t in tasks], results)
         self.job.finish_stage("merge", staging=str(writer.path), result=_jsonable(dataclasses.asdict(merged)),
-                              duplicate_keys={u: len(rows) for u, rows in drop.items()})
+                              duplicate_keys={u: len(rows) for u, rows in drop.items()},
+                              dropped_rows={u: sorted(int(r) for r in rows) for u, rows in drop.items()})
         shutil.rmtree(scratch, ignore_errors=True)
         self._time("merge", started)
 
@@ -409,8 +410,10 @@ class Build:
         arrays = self.work / "train" / "items"
         if not self.job.is_done("items-for-training"):
             q = index.quantizer
-            prepare_item_arrays([self._ids(u) for u in self._good_units()], q.num_levels, q.codebook_size,
-                                q.use_modality_code, arrays)
+            dropped = self.job.data["stages"]["merge"].get("dropped_rows", {})  # skipped duplicate keys
+            units = self._good_units()
+            prepare_item_arrays([self._ids(u) for u in units], q.num_levels, q.codebook_size,
+                                q.use_modality_code, arrays, [dropped.get(u, []) for u in units])
             self.job.done("items-for-training", arrays / "item-codes.npy")
         pairs = self.work / "train" / "pairs-for-decoder"
         if not self.job.is_done("pairs-for-decoder"):

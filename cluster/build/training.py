@@ -30,16 +30,18 @@ ITEM_VECTORS, ITEM_CODES, MODALITY_MEANS = "item-vectors.npy", "item-codes.npy",
 
 
 def prepare_item_arrays(id_tables: list[Path], num_levels: int, codebook_size: int, use_modality_code: bool,
-                        out: Path) -> None:
+                        out: Path, drop_rows: list[list[int]] | None = None) -> None:
     """Stream the ID tables (one at a time) into memory-mapped arrays for stage 3: fp16 vectors,
-    codes (code 0 first), and the mean vector of each modality (the decoder's token init)."""
+    codes (code 0 first), and the mean vector of each modality (the decoder's token init).
+    `drop_rows[t]`: rows of table t the merge left out (repeated keys), left out here too."""
     from genius.atomic import write_atomic
     from genius.idcodec import IdCodec
     from genius.shard_jobs import read_modality, read_vectors
     from genius.store.item_table import id_view
 
     codec = IdCodec(num_levels, codebook_size)
-    n = sum(pq.ParquetFile(t).metadata.num_rows for t in id_tables)
+    drop_rows = drop_rows or [[] for _ in id_tables]
+    n = sum(pq.ParquetFile(t).metadata.num_rows - len(set(d)) for t, d in zip(id_tables, drop_rows))
     dim = pq.read_schema(id_tables[0]).field("vector").type.list_size
     out.mkdir(parents=True, exist_ok=True)
     tmp_vectors, tmp_codes = out / f".{ITEM_VECTORS}.tmp", out / f".{ITEM_CODES}.tmp"
@@ -47,8 +49,12 @@ def prepare_item_arrays(id_tables: list[Path], num_levels: int, codebook_size: i
     codes = np.lib.format.open_memmap(tmp_codes, mode="w+", dtype=np.int32, shape=(n, 1 + num_levels))
     sums, counts = np.zeros((3, dim)), np.zeros(3)
     row = 0
-    for path in id_tables:
+    for path, drop in zip(id_tables, drop_rows):
         table = pq.read_table(path, columns=["modality", "id", "vector"])
+        if drop:
+            keep = np.ones(len(table), dtype=bool)
+            keep[np.asarray(drop, dtype=np.int64)] = False
+            table = table.filter(pa.array(keep))
         v, m = read_vectors(table), read_modality(table)
         ids = id_view(table.column("id"), codec.width)
         code0 = m if use_modality_code else np.zeros_like(m)

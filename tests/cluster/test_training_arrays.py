@@ -40,3 +40,14 @@ def test_pairs_join_their_targets_first_table_wins_and_unindexed_are_left_out(tm
     plain = tmp_path / "plain"
     prepare_pair_arrays(tmp_path, [tmp_path / "a.parquet", tmp_path / "b.parquet"], plain)  # stage 2: no codes
     assert "codes" not in open_pair_arrays(plain)
+
+
+def test_item_arrays_leave_out_the_rows_the_merge_dropped(tmp_path):
+    from cluster.build.training import ITEM_CODES, ITEM_VECTORS, prepare_item_arrays
+
+    codec = IdCodec(2, 16)
+    _id_table(tmp_path / "a.parquet", ["x", "y"], ["image", "text"], [[1, 0], [0, 1]], [[1, 2], [3, 4]], codec)
+    _id_table(tmp_path / "b.parquet", ["z", "y"], ["image_text", "text"], [[1, 1], [9, 9]], [[5, 6], [7, 8]], codec)
+    prepare_item_arrays([tmp_path / "a.parquet", tmp_path / "b.parquet"], 2, 16, True, tmp_path / "items", [[], [1]])
+    assert np.load(tmp_path / "items" / ITEM_CODES).tolist() == [[0, 1, 2], [1, 3, 4], [2, 5, 6]]
+    assert np.load(tmp_path / "items" / ITEM_VECTORS).astype(float).tolist() == [[1, 0], [0, 1], [1, 1]]

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/genius/v1/search.proto\x12\tgenius.v1\"$\n\x05Query\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"\x91\x01\n\rSearchRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.genius.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x11\n\tbeam_size\x18\x03 \x01(\r\x12.\n\x11target_modalities\x18\x04 \x03(\x0e\x32\x13.genius.v1.Modality\x12\x11\n\tno_rerank\x18\x05 \x01(\x08\"t\n\x03Hit\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x08modality\x18\x02 \x01(\x0e\x32\x13.genius.v1.Modality\x12\r\n\x05score\x18\x03 \x01(\x01\x12\n\n\x02id\x18\x04 \x01(\x0c\x12\x10\n\x08metadata\x18\x05 \x01(\t\x12\x0c\n\x04item\x18\x06 \x01(\x03\"n\n\x0eSearchResponse\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.genius.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x04 \x03(\t\"C\n\x0cScoreRequest\x12\r\n\x05query\x18\x01 \x03(\x02\x12\r\n\x05items\x18\x02 \x03(\x03\x12\x15\n\rindex_version\x18\x03 \x01(\t\".\n\rScoreResponse\x12\r\n\x05items\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"v\n\x04Item\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\x0b\n\x03key\x18\x02 \x01(\t\x12%\n\x08modality\x18\x03 \x01(\x0e\x32\x13.genius.v1.Modality\x12\n\n\x02id\x18\x04 \x01(\x0c\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08metadata\x18\x06 \x01(\t\"4\n\x0c\x46\x65tchRequest\x12\r\n\x05items\x18\x01 \x03(\x03\x12\x15\n\rindex_version\x18\x02 \x01(\t\"/\n\rFetchResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.genius.v1.Item*I\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\x08\n\x04TEXT\x10\x02\x12\x0e\n\nIMAGE_TEXT\x10\x03\x32\x97\x01\n\rSearchService\x12=\n\x06Search\x12\x18.genius.v1.SearchRequest\x1a\x19.genius.v1.SearchResponse\x12G\n\x0cSearchStream\x12\x18.genius.v1.SearchRequest\x1a\x19.genius.v1.SearchResponse(\x01\x30\x01\x32\x86\x01\n\x0cShardService\x12:\n\x05Score\x12\x17.genius.v1.ScoreRequest\x1a\x18.genius.v1.ScoreResponse\x12:\n\x05\x46\x65tch\x12\x17.genius.v1.FetchRequest\x1a\x18.genius.v1.FetchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/genius/v1/search.proto\x12\tgenius.v1\"$\n\x05Query\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\"\x91\x01\n\rSearchRequest\x12\x1f\n\x05query\x18\x01 \x01(\x0b\x32\x10.genius.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x11\n\tbeam_size\x18\x03 \x01(\r\x12.\n\x11target_modalities\x18\x04 \x03(\x0e\x32\x13.genius.v1.Modality\x12\x11\n\tno_rerank\x18\x05 \x01(\x08\"\x84\x01\n\x03Hit\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x08modality\x18\x02 \x01(\x0e\x32\x13.genius.v1.Modality\x12\r\n\x05score\x18\x03 \x01(\x01\x12\n\n\x02id\x18\x04 \x01(\x0c\x12\x10\n\x08metadata\x18\x05 \x01(\t\x12\x0c\n\x04item\x18\x06 \x01(\x03\x12\x0e\n\x06source\x18\x07 \x01(\t\"n\n\x0eSearchResponse\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.genius.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x04 \x03(\t\"C\n\x0cScoreRequest\x12\r\n\x05query\x18\x01 \x03(\x02\x12\r\n\x05items\x18\x02 \x03(\x03\x12\x15\n\rindex_version\x18\x03 \x01(\t\".\n\rScoreResponse\x12\r\n\x05items\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"v\n\x04Item\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\x0b\n\x03key\x18\x02 \x01(\t\x12%\n\x08modality\x18\x03 \x01(\x0e\x32\x13.genius.v1.Modality\x12\n\n\x02id\x18\x04 \x01(\x0c\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x10\n\x08metadata\x18\x06 \x01(\t\"4\n\x0c\x46\x65tchRequest\x12\r\n\x05items\x18\x01 \x03(\x03\x12\x15\n\rindex_version\x18\x02 \x01(\t\"/\n\rFetchResponse\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.genius.v1.Item*I\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\x08\n\x04TEXT\x10\x02\x12\x0e\n\nIMAGE_TEXT\x10\x03\x32\x97\x01\n\rSearchService\x12=\n\x06Search\x12\x18.genius.v1.SearchRequest\x1a\x19.genius.v1.SearchResponse\x12G\n\x0cSearchStream\x12\x18.genius.v1.SearchRequest\x1a\x19.genius.v1.SearchResponse(\x01\x30\x01\x32\x86\x01\n\x0cShardService\x12:\n\x05Score\x12\x17.genius.v1.ScoreRequest\x1a\x18.genius.v1.ScoreResponse\x12:\n\x05\x46\x65tch\x12\x17.genius.v1.FetchRequest\x1a\x18.genius.v1.FetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.genius.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=799
-  _globals['_MODALITY']._serialized_end=872
+  _globals['_MODALITY']._serialized_start=816
+  _globals['_MODALITY']._serialized_end=889
   _globals['_QUERY']._serialized_start=43
   _globals['_QUERY']._serialized_end=79
   _globals['_SEARCHREQUEST']._serialized_start=82
   _globals['_SEARCHREQUEST']._serialized_end=227
-  _globals['_HIT']._serialized_start=229
-  _globals['_HIT']._serialized_end=345
-  _globals['_SEARCHRESPONSE']._serialized_start=347
-  _globals['_SEARCHRESPONSE']._serialized_end=457
-  _globals['_SCOREREQUEST']._serialized_start=459
-  _globals['_SCOREREQUEST']._serialized_end=526
-  _globals['_SCORERESPONSE']._serialized_start=528
-  _globals['_SCORERESPONSE']._serialized_end=574
-  _globals['_ITEM']._serialized_start=576
-  _globals['_ITEM']._serialized_end=694
-  _globals['_FETCHREQUEST']._serialized_start=696
-  _globals['_FETCHREQUEST']._serialized_end=748
-  _globals['_FETCHRESPONSE']._serialized_start=750
-  _globals['_FETCHRESPONSE']._serialized_end=797
-  _globals['_SEARCHSERVICE']._serialized_start=875
-  _globals['_SEARCHSERVICE']._serialized_end=1026
-  _globals['_SHARDSERVICE']._serialized_start=1029
-  _globals['_SHARDSERVICE']._serialized_end=1163
+  _globals['_HIT']._serialized_start=230
+  _globals['_HIT']._serialized_end=362
+  _globals['_SEARCHRESPONSE']._serialized_start=364
+  _globals['_SEARCHRESPONSE']._serialized_end=474
+  _globals['_SCOREREQUEST']._serialized_start=476
+  _globals['_SCOREREQUEST']._serialized_end=543
+  _globals['_SCORERESPONSE']._serialized_start=545
+  _globals['_SCORERESPONSE']._serialized_end=591
+  _globals['_ITEM']._serialized_start=593
+  _globals['_ITEM']._serialized_end=711
+  _globals['_FETCHREQUEST']._serialized_start=713
+  _globals['_FETCHREQUEST']._serialized_end=765
+  _globals['_FETCHRESPONSE']._serialized_start=767
+  _globals['_FETCHRESPONSE']._serialized_end=814
+  _globals['_SEARCHSERVICE']._serialized_start=892
+  _globals['_SEARCHSERVICE']._serialized_end=1043
+  _globals['_SHARDSERVICE']._serialized_start=1046
+  _globals['_SHARDSERVICE']._serialized_end=1180
 # @@protoc_insertion_point(module_scope)

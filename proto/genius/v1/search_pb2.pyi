@@ -41,20 +41,22 @@ class SearchRequest(_message.Message):
     def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., beam_size: _Optional[int] = ..., target_modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., no_rerank: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("key", "modality", "score", "id", "metadata", "item")
+    __slots__ = ("key", "modality", "score", "id", "metadata", "item", "source")
     KEY_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     key: str
     modality: Modality
     score: float
     id: bytes
     metadata: str
     item: int
-    def __init__(self, key: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., score: _Optional[float] = ..., id: _Optional[bytes] = ..., metadata: _Optional[str] = ..., item: _Optional[int] = ...) -> None: ...
+    source: str
+    def __init__(self, key: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., score: _Optional[float] = ..., id: _Optional[bytes] = ..., metadata: _Optional[str] = ..., item: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "index_version", "partial", "missing_shards")
