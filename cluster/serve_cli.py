@@ -66,28 +66,21 @@ def _local(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     import grpc
 
-    from proto.genius.v1 import search_pb2, search_pb2_grpc
+    from genius.client import SearchClient
 
-    image = open(args.image, "rb").read() if args.image else b""
-    names = {"image": search_pb2.IMAGE, "text": search_pb2.TEXT, "image_text": search_pb2.IMAGE_TEXT}
-    request = search_pb2.SearchRequest(query=search_pb2.Query(text=args.text or "", image=image), k=args.k,
-                                       beam_size=args.beam or 0, no_rerank=args.no_rerank,
-                                       target_modalities=[names[m] for m in args.modality or []])
-    if args.tls_ca:
-        channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(open(args.tls_ca, "rb").read()))
-    else:
-        channel = grpc.insecure_channel(args.address)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
-    with channel:
+    image = open(args.image, "rb").read() if args.image else None
+    tls_ca = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    with SearchClient(args.address, tls_ca=tls_ca, token=args.token, timeout=args.timeout) as client:
         try:
-            reply = search_pb2_grpc.SearchServiceStub(channel).Search(request, timeout=args.timeout, metadata=metadata)
+            result = client.search(text=args.text, image=image, k=args.k, beam_size=args.beam,
+                                   rerank=not args.no_rerank, target_modalities=args.modality)
         except grpc.RpcError as err:
             log.error("%s: %s", err.code().name, err.details())
             return 2
-    flag = f"  PARTIAL: shards {', '.join(reply.missing_shards)} did not answer" if reply.partial else ""
-    print(f"index {reply.index_version}{flag}")
-    for rank, hit in enumerate(reply.hits, 1):
-        print(f"  {rank:3d}. {hit.key}  [{search_pb2.Modality.Name(hit.modality).lower()}]  {hit.score:.4f}")
+    flag = f"  PARTIAL: shards {', '.join(result.missing_shards)} did not answer" if result.partial else ""
+    print(f"index {result.version}{flag}")
+    for rank, (key, modality, score) in enumerate(zip(result.keys[0], result.modalities[0], result.scores[0]), 1):
+        print(f"  {rank:3d}. {key}  [{modality.name.lower()}]  {score:.4f}")
     return 0
 
 
