@@ -144,7 +144,7 @@ def test_concurrent_queries_are_batched_and_answer_like_the_library(index_root):
         cluster.stop(0)
 
 
-def test_past_the_concurrency_limit_requests_get_resource_exhausted(index_root):
+def test_past_the_concurrency_and_message_limits_requests_get_resource_exhausted(index_root):
     cluster = serve_local(str(index_root), options=ServerOptions(max_concurrent=1))
     pending: queue.Queue = queue.Queue()
 
@@ -165,6 +165,9 @@ def test_past_the_concurrency_limit_requests_get_resource_exhausted(index_root):
             pending.put(None)
             assert list(stream) == []
             assert stub.Search(request("apple"), timeout=30).hits  # the slot is free again
+            with pytest.raises(grpc.RpcError) as err:  # past the 32 MiB message limit
+                stub.Search(search_pb2.SearchRequest(query=search_pb2.Query(image=b"\0" * (33 << 20))), timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         cluster.stop(0)
 
