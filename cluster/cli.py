@@ -1,11 +1,12 @@
 """The `genius` command line: one entry point, a subcommand per job.
 
-    genius demo                      the whole pipeline on Fashion-MNIST (or --corpus captions)
+    genius demo                      the whole system on Fashion-MNIST: build on Ray, serve, query (--mode eval)
     genius fit    --corpus C --queries Q --out DIR
     genius search --index DIR --text "a red bicycle"
     genius info   INDEX
     genius search-batch --index DIR --queries TABLE|SHARDS --out DIR   on a Ray cluster
     genius serve  shard|replica|local --index DIR     gRPC servers;  genius query --address HOST:PORT --text ...
+    genius ui     --address HOST:PORT [--shards DIR]  a search web page for the replicas
     genius index  verify|versions|add|delete|compact|gc INDEX ...
     genius data   fashion-mnist|openclipart|wordnet|folder|table|inspect ...
     genius train  encoder --shards DIR --out DIR   stage 1: align the encoders
@@ -133,13 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.search_batch import add_search_batch_command
     from cluster.serve_cli import add_serve_commands
     from cluster.train_cli import add_train_commands
+    from cluster.ui_cli import add_ui_command
 
     parser = argparse.ArgumentParser(prog="genius", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the single-process pipeline on a small corpus and print recall",
+    p = sub.add_parser("demo", help="the whole system on Fashion-MNIST: Ray build, gRPC servers, queries, recall",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
     p.set_defaults(run=_demo)
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_commands(sub)
     add_search_batch_command(sub)
     add_serve_commands(sub)
+    add_ui_command(sub)
     add_data_commands(sub)
     add_train_commands(sub)
     add_eval_commands(sub)

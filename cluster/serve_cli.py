@@ -60,7 +60,31 @@ def _local(args: argparse.Namespace) -> int:
     cluster = serve_local(args.index, args.listen, _options(args), _replica_config(args))
     print(f"search replica on {cluster.address} with {len(cluster.shards)} shard servers "
           f"({', '.join(f'{k}: {v[0]}' for k, v in cluster.shard_map.items())})", flush=True)
-    return _stop_on_signal(args, cluster.servers)
+    ui = _start_ui(args, cluster.address) if args.ui else None
+    try:
+        return _stop_on_signal(args, cluster.servers)
+    finally:
+        if ui is not None:
+            ui.stop()
+
+
+def _start_ui(args: argparse.Namespace, address: str):
+    """The search page (cluster.ui) for the local replica; its pictures come from --ui-shards, else
+    from the shards the index build recorded (INDEX/.build), else hits show key and metadata."""
+    from cluster.serve import read_tokens
+    from cluster.ui import start_ui
+    from cluster.ui.shard_media import build_shards
+
+    shards = args.ui_shards or build_shards(args.index)
+    token = read_tokens(args.token_file)[0] if args.token_file else None
+    try:
+        # With --tls-cert the replica serves TLS: the page trusts that certificate (self-signed).
+        ui = start_ui(address, shards, "127.0.0.1", args.ui_port, tls_ca=args.tls_cert, token=token)
+    except (OSError, ValueError) as err:  # e.g. the port is taken: the servers stay up
+        log.error("search page not started: %s", err)
+        return None
+    print(f"search page on {ui.url}", flush=True)
+    return ui
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -104,6 +128,10 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     c = cmds.add_parser("local", help="a replica plus every shard server on this machine (development, demo)")
     c.add_argument("--index", required=True, help="index folder")
     c.add_argument("--listen", default="127.0.0.1:50051", help="replica address (default: 127.0.0.1:50051)")
+    c.add_argument("--ui", action="store_true", help="also serve the search web page (genius ui) on 127.0.0.1")
+    c.add_argument("--ui-port", type=int, default=8080, help="HTTP port of the search page (default: 8080)")
+    c.add_argument("--ui-shards", help="shards to read pictures and texts of hits from (as genius ui --shards; "
+                                       "default: those the index build recorded in INDEX/.build, when there)")
     c.set_defaults(run=_local)
     for name in ("replica", "local"):
         role = cmds.choices[name]

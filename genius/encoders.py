@@ -173,7 +173,7 @@ def decode_image_bytes(
     except Image.DecompressionBombError as e:
         raise InvalidInputError(index, f"image too large: {e}") from None
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, SyntaxError, ...)
-        raise InvalidInputError(index, f"cannot decode image: {e}") from None
+        raise InvalidInputError(index, f"cannot decode image: {_without_repr(e)}") from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidInputError(index, f"image has no pixels ({width}x{height})")
@@ -191,7 +191,16 @@ def decode_image_bytes(
         image.load()
         return _to_rgb(image)
     except Exception as e:  # truncated data, corrupt chunks, bad palettes, ...
-        raise InvalidInputError(index, f"cannot decode image: {e}") from None
+        raise InvalidInputError(index, f"cannot decode image: {_without_repr(e)}") from None
+
+
+def _without_repr(error: Exception) -> str:
+    """PIL's message without the in-memory file's repr ("cannot identify image file <_io.BytesIO
+    object at 0x7f...>"): users get the reason, not an address."""
+    import re
+
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)).strip()
+    return text or type(error).__name__
 
 
 def load_image(image: object, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, index: int | None = None) -> Image.Image:
@@ -208,7 +217,7 @@ def load_image(image: object, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, ind
         try:
             return _to_rgb(image)
         except Exception as e:  # a lazily opened file may fail only now
-            raise InvalidInputError(index, f"cannot decode image: {e}") from None
+            raise InvalidInputError(index, f"cannot decode image: {_without_repr(e)}") from None
     return decode_image_bytes(image, max_pixels, index=index)  # type: ignore[arg-type]
 
 
