@@ -56,6 +56,19 @@ class ReplicaConfig:
         return cls(Limits())
 
 
+class ShardError(RuntimeError):
+    """No address of a shard answered; `code` is the last gRPC status code (or None)."""
+
+    def __init__(self, number: int, error: Exception | None):
+        self.code = error.code() if isinstance(error, grpc.RpcError) else None
+        detail = f"{self.code.name}: {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
+        super().__init__(f"shard {number}: no address answered ({detail})")
+
+
+class VersionNotReady(RuntimeError):
+    """A shard server cannot open a new version yet (e.g. still copying it)."""
+
+
 class ShardClient:
     """Vector shard `number`, reachable at one or more addresses (tried in order)."""
 
@@ -82,8 +95,7 @@ class ShardClient:
                 return np.asarray(reply.scores, dtype=np.float64)
             except grpc.RpcError as err:  # down, slow or refusing: the next address, if any
                 last = err
-        detail = f"{last.code().name}: {last.details()}" if isinstance(last, grpc.RpcError) else str(last)
-        raise RuntimeError(f"shard {self.number}: no address answered ({detail})")
+        raise ShardError(self.number, last)
 
 
 @dataclass
@@ -171,12 +183,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 version = resolve_version(self.root)
                 if version.name != self.served.name:
                     self.swap(version)
+            except VersionNotReady as err:
+                log.info("not moving yet, still serving %s: %s", self.served.name, err)
             except Exception:  # noqa: BLE001 - a bad publish must not stop the replica serving the old one
                 log.exception("could not move to the version CURRENT names in %s; still serving %s",
                               self.root, self.served.name)
 
     def swap(self, version: str | Path) -> None:
-        """Open `version`, have the shard servers open it, then answer new requests with it."""
+        """Open `version`, have the shard servers open it, then answer new requests with it.
+        Raises VersionNotReady (and keeps the old version) while a shard server that answers
+        cannot open it yet; a shard server that is down does not hold the move up."""
         t0 = time.perf_counter()
         served = ServedVersion.open(version)
         if self.on_new_version is not None:
@@ -188,8 +204,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 try:  # an empty Score makes the shard server open the version before traffic needs it
                     self.shards[number].score(empty, np.zeros(0, dtype=np.int64), served.name,
                                               self.limits.shard_timeout_s * 5)
-                except RuntimeError as err:
-                    log.warning("%s: %s", served.name, err)
+                except ShardError as err:
+                    if err.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        # It answers but lacks the version (still copying it): moving now would
+                        # make answers partial; the watcher tries again next interval.
+                        raise VersionNotReady(f"{served.name}: {err}") from None
+                    log.warning("%s: %s", served.name, err)  # down: partial either way
         previous, self.served = self.served, served
         self._set_version_metric()
         log.info("now serving %s (was %s; opened in %.2f s)", served.name, previous.name, time.perf_counter() - t0)

@@ -255,3 +255,28 @@ def test_sigterm_drains_then_finishes_requests_in_flight(index_root):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_replica_waits_for_shard_servers_that_lack_the_new_version(index_root, tmp_path):
+    """Shard servers pinned to v-0 (as if still copying v-1): the replica keeps serving v-0,
+    complete, instead of moving to v-1 with partial answers."""
+    from genius.store.layout import resolve_version
+    from genius.store.manifest import Manifest
+
+    root = tmp_path / "index"
+    shutil.copytree(index_root, root)
+    count = len(Manifest.read(resolve_version(root)).vector_shards)
+    shards = [serve_shard(str(root / "v-0"), n) for n in range(count)]
+    replica, port = serve_replica(str(root), {n: [f"127.0.0.1:{p}"] for n, (_, p) in enumerate(shards)},
+                                  config=ReplicaConfig(Limits(), reload_interval_s=0.2))
+    try:
+        GeniusIndex.load(root).delete(["apple-0"])  # publishes v-1
+        time.sleep(2.0)  # ten reload intervals
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = search_pb2_grpc.SearchServiceStub(channel).Search(request("apple"), timeout=30)
+        assert reply.index_version == "v-0" and not reply.partial and reply.hits
+    finally:
+        replica.stop(0).wait()
+        replica.servicer.close()
+        for server, _ in shards:
+            server.stop(0).wait()
