@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
-# The demo's corpus is the Debian package dataset-fashion-mnist: installed here when we are
-# root, otherwise the command to run is printed.
+# The whole system on this machine (genius demo): Fashion-MNIST shards -> `genius index build` on
+# a local Ray cluster -> `genius serve local` -> queries through the gRPC client -> recall table
+# -> servers stopped; writes to demo_out/ and reuses it on a second run. Its corpus is the Debian
+# package dataset-fashion-mnist: installed here when we are root, otherwise the command to run
+# is printed.
 demo: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \

@@ -40,7 +40,6 @@ import numpy as np
 log = logging.getLogger("genius.demo")
 
 KS = (1, 5, 10)
-VIEWS = ("image", "text", "image_text")
 KEY_SEP = "--"  # index shard key = "<record>--<view>": WebDataset keys may not hold '/'
 
 
@@ -248,8 +247,10 @@ def build_index(config: SystemDemoConfig, shards: Path, pairs: Path, encoder_dir
                         seed=config.seed, progress=False)
     started = not ray.is_initialized()  # a caller's own Ray is used as it is, and left running
     if started:
-        # One CPU per actor plus one for the Ray Train coordinator; worker logs stay in /tmp/ray.
-        ray.init(num_cpus=int(config.actors * cpus_per_actor) + 1, include_dashboard=False, log_to_driver=False)
+        # A cluster of our own ("local": not one that `ray start` left running here), one CPU per
+        # actor plus one for the Ray Train coordinator; worker logs stay in /tmp/ray.
+        ray.init(address="local", num_cpus=int(config.actors * cpus_per_actor) + 1, include_dashboard=False,
+                 log_to_driver=False)
     try:
         return Build(build).run()
     finally:
@@ -354,8 +355,11 @@ def serve_and_query(index: Path, queries: Sequence[Query], examples: Sequence[Qu
             with steps("recall queries"):
                 t0 = time.perf_counter()
                 # Concurrent requests: the replica batches them into one beam search.
-                with ThreadPoolExecutor(max_workers=max(1, config.concurrency)) as pool:
+                pool = ThreadPoolExecutor(max_workers=max(1, config.concurrency))
+                try:
                     answers = list(pool.map(lambda q: ask(client, q, max(KS), config.beam), queries))
+                finally:  # on Ctrl-C or an error: drop the queued queries instead of sending them all
+                    pool.shutdown(wait=False, cancel_futures=True)
                 seconds = time.perf_counter() - t0
         info.update(queries=len(answers), seconds=round(seconds, 2),
                     queries_per_s=round(len(answers) / max(seconds, 1e-9), 1),
@@ -428,9 +432,12 @@ def run(config: SystemDemoConfig) -> dict[str, Any]:
     rows = recall_table(answers, composition)
     print_examples(shown)
     table = markdown(rows)
-    print(f"\nRecall through the served index {serving['versions']} ({len(items)} items: "
-          f"{dict(Counter(k.split('/')[1] for k, _, _ in items))}; class-level relevance, requested modality; "
-          f"beam {config.beam}):\n\n{table}\n")
+    splits = Counter(meta_of[k.split("/")[0]]["split"] for k, _, _ in items)
+    print(f"\nRecall through the served index {', '.join(serving['versions'])}: {len(items)} items "
+          f"{dict(Counter(k.split('/')[1] for k, _, _ in items))} ({splits['test']} from the test-split pool, "
+          f"{splits['train']} training targets from the train split); {len(queries)} held-out test-split queries; "
+          f"relevant = requested modality and the query's target class; chance = a random ranking of the "
+          f"indexed items of that modality; beam {config.beam}, k 10.\n\n{table}\n")
     print(f"{serving['queries']} queries in {serving['seconds']:.1f} s: {serving['queries_per_s']} queries/s "
           f"({config.concurrency} client threads); partial responses: {serving['partial']}")
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
