@@ -188,7 +188,7 @@ def system_config(args: argparse.Namespace):
         out=Path(args.out), source=args.source, stage1_steps=args.stage1_steps, pool=args.candidates,
         train=args.train_records, queries=args.queries, actors=args.actors, quantizer_epochs=args.quantizer_epochs,
         decoder_epochs=args.decoder_epochs, beam=args.beam, examples=args.examples, concurrency=args.concurrency,
-        rebuild=args.rebuild, threads=args.threads, seed=args.seed)
+        rebuild=args.rebuild, threads=args.threads, seed=args.seed, serve=args.serve, ui_port=args.ui_port)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +216,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="system: client threads sending the recall queries (default: 4)")
     parser.add_argument("--rebuild", action="store_true",
                         help="system: build the index even when its inputs are unchanged")
+    parser.add_argument("--serve", action="store_true",
+                        help="system: at the end, leave the servers running with the search page (genius ui) "
+                             "and print its address; stop with Ctrl-C or SIGTERM")
+    parser.add_argument("--ui-port", type=int, default=8080, help="system, --serve: the page's port (default: 8080)")
     parser.add_argument("--beam", type=int, default=20, help="beam size (default: 20)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     parser.add_argument("--quantizer-epochs", type=int, help=f"stage-2 epochs (default: {both('quantizer_epochs')})")

@@ -60,6 +60,8 @@ class SystemDemoConfig:
     rebuild: bool = False  # build the index even when its inputs are unchanged
     threads: int = 0  # torch threads of this process (0: torch's own)
     seed: int = 0
+    serve: bool = False  # leave the servers running with the search page at the end
+    ui_port: int = 8080
 
 
 @dataclass
@@ -338,8 +340,9 @@ def print_examples(answers: Sequence[Answer]) -> None:
 
 
 def serve_and_query(index: Path, queries: Sequence[Query], examples: Sequence[Query], config: SystemDemoConfig,
-                    steps: Steps) -> tuple[list[Answer], list[Answer], dict[str, Any]]:
-    """Start `serve local`, ask the examples and the held-out queries, stop the servers."""
+                    steps: Steps) -> tuple[list[Answer], list[Answer], dict[str, Any], Any]:
+    """Start `serve local`, ask the examples and the held-out queries, stop the servers (unless
+    config.serve: then the running LocalCluster is returned too, else None)."""
     from cluster.serve import serve_local
     from genius.client import SearchClient
 
@@ -365,10 +368,31 @@ def serve_and_query(index: Path, queries: Sequence[Query], examples: Sequence[Qu
                     queries_per_s=round(len(answers) / max(seconds, 1e-9), 1),
                     versions=sorted({a.version for a in [*shown, *answers]}),
                     partial=sum(a.partial for a in [*shown, *answers]))
+    except BaseException:
+        cluster.stop(grace=1.0)
+        raise
+    if config.serve:
+        return shown, answers, info, cluster
+    with steps("stop servers"):
+        cluster.stop(grace=1.0)
+    return shown, answers, info, None
+
+
+def serve_until_stopped(cluster, shards: Path, port: int) -> None:
+    """The search page over the demo's servers, until Ctrl-C or SIGTERM; then everything stops."""
+    from cluster.serve import shutdown, wait_for_termination
+    from cluster.ui import start_ui
+
+    try:
+        ui = start_ui(cluster.address, str(shards), "127.0.0.1", port)
+    except BaseException:
+        shutdown(cluster.servers, 0.0, 1.0)
+        raise
+    print(f"\nsearch page: {ui.url}  (gRPC replica at {cluster.address}; Ctrl-C stops everything)", flush=True)
+    try:
+        wait_for_termination(cluster.servers, 0.0, 1.0)
     finally:
-        with steps("stop servers"):
-            cluster.stop(grace=1.0)
-    return shown, answers, info
+        ui.stop()
 
 
 # ----------------------------------------------------------------------------- main
@@ -427,7 +451,7 @@ def run(config: SystemDemoConfig) -> dict[str, Any]:
             stamp.write_text(json.dumps({"fingerprint": inputs, "build": built}, indent=2))
     queries = held_out_queries(test_tasks, meta_of)
     examples = pick_examples(queries, config.examples)
-    shown, answers, serving = serve_and_query(index, queries, examples, config, steps)
+    shown, answers, serving, running = serve_and_query(index, queries, examples, config, steps)
     composition = Counter((key.split("/")[1], meta_of[key.split("/")[0]]["label"]) for key, _, _ in items)
     rows = recall_table(answers, composition)
     print_examples(shown)
@@ -448,4 +472,6 @@ def run(config: SystemDemoConfig) -> dict[str, Any]:
     (out / "recall.json").write_text(json.dumps(summary, indent=2))
     print(f"recall table: {out / 'recall.json'}, {out / 'recall.md'}; index: {index} "
           f"({summary['seconds']:.0f} s in all; steps {steps.seconds})")
+    if running is not None:
+        serve_until_stopped(running, served / "shards", config.ui_port)
     return summary

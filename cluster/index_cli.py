@@ -146,7 +146,7 @@ def add_index_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("index", help="index folder")
     c.add_argument("--corpus", help="table of new items (.parquet/.csv/.tsv)")
     c.add_argument("--shards", help="new WebDataset shards (folder, glob, brace pattern), embedded on the cluster")
-    c.add_argument("--address", help="Ray cluster address for --shards (default: start a local cluster)")
+    c.add_argument("--address", help="Ray cluster address for --shards (default: as for index build)")
     c.add_argument("--actors", type=int, default=2, help="actors for --shards (default: 2)")
     c.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor for --shards (default: 1)")
     c.add_argument("--work", help="job folder for --shards (default: INDEX/.add)")
@@ -205,7 +205,8 @@ def add_build_command(cmds: argparse._SubParsersAction) -> None:
     c.add_argument("--shards", required=True, help="shard folder, glob, brace pattern (data-{000..009}.tar) or file")
     c.add_argument("--out", required=True, help="index folder to publish into")
     c.add_argument("--work", help="job folder (default: OUT/.build; shared storage on a real cluster)")
-    c.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the cluster `ray start` "
+                                     "runs on this machine, else a new local one; `local`: always a new one)")
     c.add_argument("--resume", action="store_true", help="continue the job in the job folder, skipping what is done")
     c.add_argument("--actors", type=int, default=2, help="embedding and quantization actors (default: 2)")
     c.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor = its torch threads (default: 1)")

@@ -127,7 +127,8 @@ def add_search_batch_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder (its CURRENT version) or a version folder")
     p.add_argument("--queries", required=True, help="a query table (.parquet/.csv/.tsv) or shards (folder, glob, braces)")
     p.add_argument("--out", required=True, help="output folder (results-*.parquet and job.json)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the cluster `ray start` runs "
+                                     "here, else a new local one)")
     p.add_argument("--resume", action="store_true", help="skip the units job.json says are done")
     p.add_argument("--actors", type=int, default=2, help="search actors (default: 2)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (= torch threads) per actor")

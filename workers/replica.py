@@ -295,7 +295,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if client is None:
                 missing.append(served.shard_name(s))
                 continue
-            futures[s] = (rows, self.pool.submit(client.score, query, items[rows], served.name, timeout))
+            try:
+                futures[s] = (rows, self.pool.submit(client.score, query, items[rows], served.name, timeout))
+            except RuntimeError:  # the replica is shutting down: a request still running gets partial results
+                missing.append(served.shard_name(s))
         for s, (rows, future) in futures.items():
             try:
                 scores[rows] = future.result(timeout=timeout + 1.0)

@@ -271,4 +271,4 @@ def run_trainer(loop, config: dict[str, Any], workers: int, use_gpu: bool, stora
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{name} failed: {result.error}")
-    log.info("%s: %s", name, result.metrics)
+    log.info("%s finished%s", name, f": {result.metrics}" if result.metrics else "")

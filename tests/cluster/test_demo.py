@@ -109,3 +109,39 @@ def test_served_demo_builds_on_ray_serves_over_grpc_and_stops(tmp_path, capsys, 
     assert again["index_reused"] is True and again["serving"]["versions"] == ["v-0"]
     assert [r["queries"] for r in again["recall"]] == [5] * 5
     assert not answers(again["serving"]["address"])
+    _served_page_until_sigterm(args)
+
+
+def _served_page_until_sigterm(args: list[str]) -> None:
+    """`genius demo --serve` (a real process): the servers and the search page stay up, answer a
+    search through the page, and stop on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    demo = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--queries", "5", "--serve", "--ui-port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        for line in demo.stdout:
+            if line.startswith("search page: "):
+                url = line.split()[2]
+                break
+        assert url == f"http://127.0.0.1:{port}/"
+        assert "genius" in urllib.request.urlopen(url, timeout=30).read().decode()
+        search = urllib.request.Request(url + "api/search", data=json.dumps({"text": "a photo of a sneaker", "k": 3})
+                                        .encode(), headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(search, timeout=60).read())
+        assert reply["version"] == "v-0" and len(reply["hits"]) == 3
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
