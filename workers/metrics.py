@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -115,44 +116,39 @@ class LimitAndCount(grpc.ServerInterceptor):
         self.metrics.requests.labels(method, code).inc()
         self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
+    @contextmanager
+    def _tracked(self, method: str, context):
+        """Around one RPC: refuse it past the limit, else count it in flight, time it and record
+        its final status code."""
+        t0 = time.perf_counter()
+        if not self._enter():
+            self._record(method, None, t0, _Refused())
+            self._refuse(context)
+        gauge = self.metrics.in_flight.labels(method) if self.metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        error = None
+        try:
+            yield
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            if gauge is not None:
+                gauge.dec()
+            self._leave()
+            self._record(method, context, t0, error)
+
     def _wrap_unary(self, method: str, behavior):
         def wrapped(request, context):
-            t0 = time.perf_counter()
-            if not self._enter():
-                self._record(method, None, t0, _Refused())
-                self._refuse(context)
-            gauge = self.metrics.in_flight.labels(method) if self.metrics else None
-            gauge and gauge.inc()
-            error = None
-            try:
+            with self._tracked(method, context):
                 return behavior(request, context)
-            except BaseException as err:
-                error = err
-                raise
-            finally:
-                gauge and gauge.dec()
-                self._leave()
-                self._record(method, context, t0, error)
         return wrapped
 
     def _wrap_stream(self, method: str, behavior):
         def wrapped(request, context):
-            t0 = time.perf_counter()
-            if not self._enter():
-                self._record(method, None, t0, _Refused())
-                self._refuse(context)
-            gauge = self.metrics.in_flight.labels(method) if self.metrics else None
-            gauge and gauge.inc()
-            error = None
-            try:
+            with self._tracked(method, context):
                 yield from behavior(request, context)
-            except BaseException as err:
-                error = err
-                raise
-            finally:
-                gauge and gauge.dec()
-                self._leave()
-                self._record(method, context, t0, error)
         return wrapped
 
 
