@@ -14,7 +14,6 @@ which a rerun continues. Rank 0 writes the weights atomically into the job's mod
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,6 @@ def prepare_pair_arrays(work: Path, tables: list[Path], out: Path, codec=None, u
     vectors (float32) and modality, target vectors (fp16) and modality and, given the ID
     `codec` (ID tables), the targets' codes. Pairs whose target was not indexed are left out.
     Memory: the pairs' target keys and row numbers, one table at a time; returns the pairs kept."""
-    from genius.atomic import write_atomic
     from genius.modality import Modality
     from genius.shard_jobs import read_modality, read_vectors
     from genius.store.item_table import id_view
@@ -150,7 +148,6 @@ def prepare_pair_arrays(work: Path, tables: list[Path], out: Path, codec=None, u
     maps.clear()
     for name in arrays:
         (out / f".{name}.tmp").replace(out / name)
-    write_atomic(out / "pairs.json", lambda f: f.write(json.dumps({"pairs": int(len(kept))}).encode()))
     return int(len(kept))
 
 
