@@ -275,4 +275,6 @@ def test_decoder_trains_data_parallel_on_two_workers(cluster, tmp_path):
     index = GeniusIndex.load(out)
     probe = list(range(0, 24, 2))
     hits = index.search(Items(texts=[query_texts(i)[0] for i in probe]), k=5)
-    assert np.mean([f"item-{i:05d}" in row for i, row in zip(probe, hits.keys)]) > 5 / 24
+    recall = np.mean([f"item-{i:05d}" in row for i, row in zip(probe, hits.keys)])
+    chance = 5 / 24  # recall@5 of a random ranking: one relevant item among 24
+    assert recall > 2 * chance + 0.05, (recall, chance)

@@ -11,6 +11,8 @@ import pytest
 from cluster.cli import main
 from tests.genius.data.fakes import fake_fashion_mnist, write_idx
 
+COMBINATIONS = ["text->image", "image->text", "text->image_text", "image->image", "image_text->image"]
+
 
 def test_demo_runs_every_stage_and_writes_its_report(tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO)
@@ -27,7 +29,16 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path, capsys, caplog):
     for name in ("report.json", "report.md", "recall_vs_beam.png", "demo.json", "shards/shards.json",
                  "encoder/encoder_config.json"):
         assert (out / name).exists(), name
-    json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert [t["name"] for t in report["tasks"]] == [f"fashion-mnist/{c}" for c in COMBINATIONS]
+    assert report["meta"]["main_beam"] == 5 and report["universal"]["candidates"] == 3 * 60
+    # Exact kNN over the stage-1 embeddings (the locked MiniLM text tower), with the universal
+    # (instructed) queries, on the task whose candidates carry the caption: far above a random
+    # ranking of the pool (chance R@1 ~0.09 here; 1.0 measured).
+    task = next(t for t in report["tasks"] if t["name"] == "fashion-mnist/text->image_text")
+    knn = next(r for r in report["results"] if r["task"] == task["name"] and r["method"] == "exact kNN"
+               and r["pool"] == "task")
+    assert knn["recall@1"] > 2 * task["chance_recall@1"] + 0.05, (knn, task["chance_recall@1"])
     # A second run reuses the shards and the stage-1 encoder.
     caplog.clear()
     assert main(args) == 0

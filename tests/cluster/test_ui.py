@@ -20,6 +20,7 @@ from cluster.serve import ServerOptions, serve_local
 from cluster.ui import start_ui
 from cluster.ui.shard_media import MediaError, ShardMedia, build_shards
 from genius.data.shards import Record, ShardReader, ShardWriter, to_items
+from genius.index import GeniusIndex
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (240, 210, 20),
            "magenta": (200, 40, 200), "cyan": (30, 200, 210), "orange": (250, 130, 20), "brown": (120, 70, 30)}
@@ -193,7 +194,11 @@ def test_api_search_returns_hits_with_pictures_and_texts(served, built):
     top = body["hits"][0]
     assert top["key"] == "txt-violin" and top["modality"] == "text" and top["text"] == "a photo of a violin"
     assert top["source"].endswith("/txt-violin") and top["metadata"] == {"word": "violin"}
-    assert len(bytes.fromhex(top["id"])) > 0 and top["thumbnail_url"] is None
+    assert top["thumbnail_url"] is None
+    index = GeniusIndex.load(built / "index")  # the hit's ID is the item's stored semantic ID
+    assert index.items.keys(np.array([top["item"]])) == ["txt-violin"]
+    assert bytes.fromhex(top["id"]) == bytes(index.items.ids(np.array([top["item"]]))[0])
+    assert len(bytes.fromhex(top["id"])) == index.codec.width
 
     status, body = search(served, text="red", k=24, modalities=["image", "image_text"], rerank=False, beam=30)
     assert status == 200 and body["hits"]

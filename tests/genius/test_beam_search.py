@@ -87,13 +87,16 @@ def test_first_step_restricted_to_chosen_modalities():
     for wanted in present:
         result = beam_search(decoder, trie, queries, beam_size=10, target_modalities=[Modality(wanted)])
         live = np.isfinite(result.scores)
+        assert live.any(axis=1).all(), "every query finds IDs of a modality the trie holds"
         assert (result.codes[..., 0][live] == wanted).all()
     # one set per query
     per_query = [[Modality.IMAGE], [Modality.TEXT], [Modality.IMAGE_TEXT], ["image", "text"], ["text"]]
     result = beam_search(decoder, trie, queries, beam_size=10, target_modalities=per_query)
     for q, allowed in enumerate(per_query):
         live = np.isfinite(result.scores[q])
-        assert set(result.codes[q, live, 0].tolist()) <= {int(Modality.parse(m)) for m in allowed}
+        wanted = {int(Modality.parse(m)) for m in allowed}
+        assert live.any() == bool(wanted & present)
+        assert set(result.codes[q, live, 0].tolist()) <= wanted
 
 
 def test_rejects_bad_arguments():

@@ -96,7 +96,7 @@ def test_training_aligns_images_to_the_locked_text_tower(shapes) -> None:
     assert zero_shot_accuracy(encoder, test, test_labels, ensembles) >= 0.5
 
     assert len(history) == 30 and [h["epoch"] for h in history] == list(range(30))
-    assert all(h["steps"] == 9 and h["images"] == 288 and h["images_per_s"] > 0 for h in history)
+    assert all(h["steps"] == 9 and h["images"] == 288 for h in history)
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
     assert history[-1]["logit_scale"] != pytest.approx(1 / 0.07)  # learnt temperature
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine schedule ran to its end

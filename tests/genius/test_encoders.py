@@ -155,7 +155,11 @@ def test_pil_png_and_jpeg_bytes_agree(encoder: MultimodalEncoder) -> None:
 
 def test_grayscale_and_transparent_images(encoder: MultimodalEncoder) -> None:
     gray = _image(4).convert("L")
-    assert encoder.encode_image([gray, _encode(gray, "PNG")]).shape == (2, 384)
+    e = encoder.encode_image([gray, _encode(gray, "PNG"), gray.convert("RGB"), _image(4)])
+    assert e.shape == (4, 384)
+    # one grey channel is read as three equal ones, from a PIL image or from PNG bytes alike
+    assert torch.allclose(e[0], e[2], atol=1e-6) and torch.allclose(e[1], e[2], atol=1e-6)
+    assert not torch.allclose(e[2], e[3], atol=1e-3), "the colour picture is another input"
     # transparent pixels are composited on white, not black: line art stays visible
     rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     rgba.paste((0, 0, 0, 255), (10, 10, 30, 30))

@@ -1,5 +1,6 @@
 """Retrieval tasks built from generated records: pools, relevance and clean splits."""
 import io
+import math
 
 import numpy as np
 import pytest
@@ -143,9 +144,20 @@ def test_class_level_relevance(records, tasks):
 
 def test_chance_recall(tasks):
     t = tasks[0]
-    expected_r1 = np.mean([len(r) / len(t.candidates) for r in t.relevance])
+    n = len(t.candidates)
+    expected_r1 = np.mean([len(r) / n for r in t.relevance])
     assert t.chance_recall(1) == pytest.approx(expected_r1)
-    assert t.chance_recall(1) < t.chance_recall(10) <= 1.0
+    # recall@k of a random ranking: 1 - P(none of the k drawn is relevant), hypergeometric.
+    for k in (5, 10):
+        expected = np.mean([1 - math.comb(n - len(r), k) / math.comb(n, k) for r in t.relevance])
+        assert t.chance_recall(k) == pytest.approx(expected)
+    assert t.chance_recall(1) < t.chance_recall(5) < t.chance_recall(10) < 1.0
+    # A ranking of the whole pool finds every relevant set (k past the pool is the pool).
+    assert t.chance_recall(n) == t.chance_recall(n + 5) == pytest.approx(1.0)
+    # ... and a simulated random ranking agrees.
+    rng = np.random.default_rng(0)
+    hits = [bool(set(rng.permutation(n)[:10].tolist()) & rel) for _ in range(100) for rel in t.relevance]
+    assert np.mean(hits) == pytest.approx(t.chance_recall(10), abs=0.03)
 
 
 def test_validate_catches_a_training_target_in_the_pool(tasks):

@@ -14,6 +14,7 @@ from genius.index import GeniusIndex
 from genius.store import IndexFormatError, PublishConflictError, VersionWriter, gc
 from genius.store.layout import CURRENT, list_versions, read_current
 from genius.store.reader import open_version
+from genius.store.verify import verify_version
 
 
 def test_save_publishes_numbered_versions_and_current(fitted, tmp_path):
@@ -122,7 +123,9 @@ def test_gc_keeps_current_and_newest(fitted, tmp_path):
     removed = {p.name for p in gc(root, keep=2)}
     assert removed == {"v-0", "v-1", ".staging-abandoned"}
     assert list_versions(root) == [2, 3] and young.exists()
-    GeniusIndex.load(root)
+    loaded = GeniusIndex.load(root)  # the current version survives gc whole
+    assert loaded.path.name == "v-3" and len(loaded) == len(fitted)
+    assert verify_version(root).ok
 
 
 def test_v1_folder_and_missing_index_are_named(tmp_path):
