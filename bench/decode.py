@@ -3,28 +3,42 @@
 The reference GENIUS code decodes with transformers' `T5ForConditionalGeneration.generate`
 and `prefix_allowed_tokens_fn` over a nested-dict trie (dict of dicts keyed by token id;
 the function walks the dict along the decoded prefix and returns the allowed next tokens).
-This script runs both on the very same weights (`genius.hf_t5.to_hf_t5`), the same query
-prefix vectors, the same IDs, and reports:
+This script runs, on the very same weights (`genius.hf_t5.to_hf_t5`), query prefix vectors
+and IDs:
 
-* wall time per query of each (same run, same thread count, both under inference_mode,
-  one warm-up call each), their ratio, and ours over a sweep of batch sizes;
-* whether both return the same top-10 IDs, and the score differences;
-* the decoder's FLOPs per query, this machine's measured fp32 matmul rate, and our time
-  as a multiple of the arithmetic floor (FLOPs / rate).
+* `hf`: that reference (generate + the per-beam Python callback);
+* `hf_vectorised`: a strong HF baseline, generate + `TrieLogitsProcessor`, which builds the
+  allowed-token mask of all beams at once with tensor ops over per-depth CSR tables of the
+  same trie (no Python per beam);
+* `ours`: `genius.beam_search` in fp32;
+* low-precision variants of ours (`--lowp`): `bf16` (the decoder's weights, activations and
+  KV cache in bfloat16; scores and log-softmax in fp32) and `int8` (dynamic quantization of
+  the decoder layers' nn.Linear: int8 weights, activations quantized per call).
+
+Timing: every method over the same query set at every batch size of `--sweep` (plus
+`--batch`), `--repeats` times; each repeat walks the batches once and, per batch, runs every
+method in turn (order rotated), so load drift on a shared machine hits all methods alike.
+Wall (perf_counter) and process CPU time (process_time) per repeat; medians and spread
+(min/max, quartiles). Speed-ups are medians of per-repeat ratios at equal batch.
+
+Also reported: top-10 agreement (ours vs hf, hf_vectorised vs hf, each low-precision variant
+vs our fp32), validity of every emitted ID, the decoder's FLOPs per query, this machine's
+measured matmul rate, and our time as a multiple of the arithmetic floor (FLOPs / rate).
 
 Normalisation: ours runs with `normalize="allowed"` and HF with `renormalize_logits=True`.
-HF takes log-softmax over the full vocabulary, adds the prefix constraint's -inf mask, then
+HF takes log-softmax over the full vocabulary, adds the constraint's -inf mask, then
 renormalises (log-softmax again) over what is left, i.e. over the trie-allowed tokens; ours
 takes log-softmax of the current level's logits over the trie-allowed codes. Both compute
 the same distribution. `length_penalty=0.0` makes HF's `sequences_scores` plain sums of
 log-probabilities, like ours.
 
-    python bench/decode.py            # paper size (t5-small decoder, 8 x 4096, 100k IDs)
+    python bench/decode.py --threads 1   # paper size (t5-small decoder, 8 x 4096, 100k IDs)
     python bench/decode.py --help
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -32,12 +46,15 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -45,7 +62,6 @@ if str(ROOT) not in sys.path:
 
 from genius.beam_search import beam_search  # noqa: E402
 from genius.decoder import (  # noqa: E402
-    CODE_TOKEN_OFFSET,
     MODALITY_TOKEN_OFFSET,
     START_TOKEN,
     DecoderConfig,
@@ -61,12 +77,24 @@ log = logging.getLogger("bench.decode")
 # Share of items per modality when IDs are spread over all three (image, text, image-text).
 MODALITY_SHARES = (0.45, 0.35, 0.20)
 HF_DEAD_SCORE = -1e8  # HF pads impossible beams with about -1e9 (or -inf)
+REFERENCE = "hf"
+LOWP_VARIANTS = ("bf16", "int8")
+LOWP_AGREEMENT_TARGET = 0.95
+SPEEDUP_TARGET = 10.0
+METHOD_LABELS = {
+    "hf": "HF generate + prefix_allowed_tokens_fn (reference)",
+    "hf_vectorised": "HF generate + vectorised trie LogitsProcessor",
+    "ours": "ours beam_search fp32",
+    "ours_bf16": "ours beam_search bf16",
+    "ours_int8": "ours beam_search int8 (dynamic)",
+}
 
 
 # --------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Benchmark genius.beam_search against transformers generate + prefix_allowed_tokens_fn.",
+        description="Benchmark genius.beam_search against transformers generate (callback and vectorised "
+                    "trie constraint), in fp32 and low precision.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--decoder", choices=("paper", "small"), default="paper",
@@ -81,17 +109,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skewed: Zipf-like code usage, prefixes shared deep; balanced: uniform code usage "
                         "(see make_codes)")
     p.add_argument("--embed-dim", type=int, default=384, help="query embedding size")
-    p.add_argument("--beam", type=int, default=50, help="beam size (both methods)")
+    p.add_argument("--beam", type=int, default=50, help="beam size (all methods)")
     p.add_argument("--top-k", type=int, default=10, help="compare this many best IDs (capped at the beam)")
-    p.add_argument("--queries", type=int, default=24, help="queries decoded by each method")
-    p.add_argument("--batch", type=int, default=8, help="queries per call, same for both methods")
-    p.add_argument("--sweep", default="1,4,12,24",
-                   help="comma-separated batch sizes to time ours at (capped at --queries)")
+    p.add_argument("--queries", type=int, default=16, help="queries decoded by each method in each repeat")
+    p.add_argument("--batch", type=int, default=8,
+                   help="main batch (queries per call): the headline speed-ups and agreement are taken here")
+    p.add_argument("--sweep", default="1,8,16",
+                   help="comma-separated batch sizes at which every method is timed (capped at --queries; "
+                        "--batch is always included)")
+    p.add_argument("--skip-sweep", action="store_true", help="time at --batch only")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes over the query set per method and batch")
+    p.add_argument("--lowp", default=",".join(LOWP_VARIANTS),
+                   help=f"comma-separated low-precision variants of ours from {LOWP_VARIANTS}, or 'none'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for decode.json and decode.md")
-    p.add_argument("--skip-sweep", action="store_true", help="time ours at --batch only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    lowp = [] if args.lowp.strip().lower() in ("", "none") else [v.strip() for v in args.lowp.split(",") if v.strip()]
+    unknown = sorted(set(lowp) - set(LOWP_VARIANTS))
+    if unknown:
+        p.error(f"unknown --lowp variant(s) {unknown}: choose from {LOWP_VARIANTS} or 'none'")
+    args.lowp = list(dict.fromkeys(lowp))
+    return args
 
 
 # --------------------------------------------------------------------------- data
@@ -181,69 +222,222 @@ def make_prefix_allowed_tokens_fn(root: dict):
     return prefix_allowed_tokens_fn
 
 
+# --------------------------------------------------------------------------- vectorised HF constraint
+def id_tokens(codes: np.ndarray, mods: np.ndarray, codebook_size: int) -> np.ndarray:
+    """(N, 1+L) token ids of the IDs: the modality token, then one token per level."""
+    offsets = np.array([level_token_offset(l, codebook_size) for l in range(1, codes.shape[1] + 1)])
+    return np.concatenate([mods[:, None] + MODALITY_TOKEN_OFFSET, codes + offsets], axis=1).astype(np.int64)
+
+
+class TokenTrieTables:
+    """The trie over token ids as per-depth CSR arrays, for lookups on whole tensors of beams.
+
+    Nodes at depth d are the distinct token prefixes of length d (depth 0: the root, node 0),
+    numbered in sorted order. For each depth d < D: `keys[d]` (sorted) holds parent * V + token
+    of every child, so a child's node number at depth d + 1 is its position in `keys[d]`;
+    `ptr[d]` (nodes at depth d, + 1) gives each node's children as the slice
+    `tokens[d][ptr[d][n]:ptr[d][n + 1]]`.
+    """
+
+    def __init__(self, tokens: np.ndarray, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        self.depth = tokens.shape[1]
+        self.keys: list[torch.Tensor] = []
+        self.ptr: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+        node = np.zeros(len(tokens), dtype=np.int64)
+        num_nodes = 1
+        for d in range(self.depth):
+            uniq, inverse = np.unique(node * self.vocab_size + tokens[:, d], return_inverse=True)
+            parent = uniq // self.vocab_size
+            self.keys.append(torch.from_numpy(uniq))
+            self.ptr.append(torch.from_numpy(np.searchsorted(parent, np.arange(num_nodes + 1)).astype(np.int64)))
+            self.tokens.append(torch.from_numpy(uniq % self.vocab_size))
+            node, num_nodes = inverse.reshape(-1).astype(np.int64), len(uniq)
+
+    def nodes(self, prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node number of each (B, d) token prefix at depth d, and whether the prefix is in the trie."""
+        B, d = prefixes.shape
+        node = torch.zeros(B, dtype=torch.long)
+        valid = torch.ones(B, dtype=torch.bool)
+        for j in range(d):
+            if j >= self.depth:
+                return node, torch.zeros(B, dtype=torch.bool)
+            keys = self.keys[j]
+            key = node * self.vocab_size + prefixes[:, j]
+            at = torch.searchsorted(keys, key).clamp_(max=len(keys) - 1)
+            valid &= keys[at] == key
+            node = torch.where(valid, at, 0)
+        return node, valid
+
+    def allowed(self, prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, tokens) of every allowed next token of each prefix, and the rows with none."""
+        B, d = prefixes.shape
+        node, valid = self.nodes(prefixes)
+        if d >= self.depth:  # complete IDs: nothing follows
+            count = torch.zeros(B, dtype=torch.long)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), count == 0
+        ptr = self.ptr[d]
+        start = ptr[node]
+        count = torch.where(valid, ptr[node + 1] - start, 0)
+        rows = torch.repeat_interleave(torch.arange(B), count)
+        first = torch.cumsum(count, 0) - count
+        index = torch.repeat_interleave(start - first, count) + torch.arange(len(rows))
+        return rows, self.tokens[d][index], count == 0
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Constrains generate() to the trie for all beams at once (tensor ops, no Python per beam).
+
+    Same semantics as transformers' PrefixConstrainedLogitsProcessor with the reference's
+    `prefix_allowed_tokens_fn`: every token the trie does not allow after the beam's prefix
+    (the tokens after the decoder start token) gets -inf; a beam whose prefix is not in the
+    trie (a dead beam) may only emit the start token, as the callback returns [START_TOKEN].
+    """
+
+    def __init__(self, tables: TokenTrieTables):
+        self.tables = tables
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, tokens, dead = self.tables.allowed(input_ids[:, 1:])
+        out = torch.full_like(scores, -math.inf)
+        out[rows, tokens] = scores[rows, tokens]
+        if dead.any():
+            out[dead, START_TOKEN] = scores[dead, START_TOKEN]
+        return out
+
+
 # --------------------------------------------------------------------------- decoding
-def run_ours(decoder: GeniusDecoder, trie: Trie, queries: torch.Tensor, beam: int, batch: int,
-             top_k: int) -> dict:
-    codes, scores, times, cpu = [], [], [], []
+def decode_ours(decoder: GeniusDecoder, trie: Trie, queries: torch.Tensor, beam: int,
+                top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k codes (Q, k, 1+L) and scores (Q, k) of one beam_search call."""
     with torch.inference_mode():
-        for lo in range(0, len(queries), batch):
-            q = queries[lo:lo + batch]
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = beam_search(decoder, trie, q, beam_size=beam, normalize="allowed")
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            codes.append(res.codes[:, :top_k])
-            scores.append(res.scores[:, :top_k])
-    return {"codes": np.concatenate(codes), "scores": np.concatenate(scores), "batch_seconds": times,
-            "batch_cpu_seconds": cpu}
+        res = beam_search(decoder, trie, queries, beam_size=beam, normalize="allowed")
+    return res.codes[:, :top_k], res.scores[:, :top_k]
 
 
-def run_hf(model, decoder: GeniusDecoder, fn, queries: torch.Tensor, beam: int, batch: int, top_k: int) -> dict:
+def decode_hf(model, decoder: GeniusDecoder, queries: torch.Tensor, beam: int, top_k: int, fn=None,
+              processor: LogitsProcessor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k codes and scores of one generate() call, constrained by `fn` (callback) or `processor`."""
     from transformers.modeling_outputs import BaseModelOutput
 
     L, K = decoder.num_levels, decoder.codebook_size
     offsets = np.array([level_token_offset(l, K) for l in range(L + 1)])
-    codes, scores, times, cpu = [], [], [], []
+    constraint = {"prefix_allowed_tokens_fn": fn} if fn is not None else {
+        "logits_processor": LogitsProcessorList([processor])}
     with torch.inference_mode():
-        for lo in range(0, len(queries), batch):
-            q = queries[lo:lo + batch]
-            t0, c0 = time.perf_counter(), time.process_time()
-            prefix = decoder.prefix(q)
-            out = model.generate(
-                encoder_outputs=BaseModelOutput(last_hidden_state=prefix),
-                decoder_start_token_id=START_TOKEN, eos_token_id=None, pad_token_id=START_TOKEN,
-                max_new_tokens=1 + L, num_beams=beam, num_return_sequences=top_k, do_sample=False,
-                prefix_allowed_tokens_fn=fn, renormalize_logits=True, length_penalty=0.0, early_stopping=False,
-                return_dict_in_generate=True, output_scores=True,
-            )
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            seq = out.sequences.view(len(q), top_k, -1)[:, :, 1:].numpy()
-            s = out.sequences_scores.view(len(q), top_k).double().numpy()
-            c = seq - offsets
-            dead = ~(s > HF_DEAD_SCORE)
-            c[dead] = -1
-            s = np.where(dead, -np.inf, s)
-            codes.append(c)
-            scores.append(s)
+        prefix = decoder.prefix(queries)
+        out = model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=prefix),
+            decoder_start_token_id=START_TOKEN, eos_token_id=None, pad_token_id=START_TOKEN,
+            max_new_tokens=1 + L, num_beams=beam, num_return_sequences=top_k, do_sample=False,
+            renormalize_logits=True, length_penalty=0.0, early_stopping=False,
+            return_dict_in_generate=True, output_scores=True, **constraint,
+        )
+    Q = len(queries)
+    seq = out.sequences.view(Q, top_k, -1)[:, :, 1:].numpy()
+    s = out.sequences_scores.view(Q, top_k).double().numpy()
+    c = seq - offsets
+    dead = ~(s > HF_DEAD_SCORE)
+    c[dead] = -1
+    return c, np.where(dead, -np.inf, s)
+
+
+def _run_batches(decode, queries: torch.Tensor, batch: int) -> dict:
+    codes, scores, times, cpu = [], [], [], []
+    for lo in range(0, len(queries), batch):
+        t0, c0 = time.perf_counter(), time.process_time()
+        c, s = decode(queries[lo:lo + batch])
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        codes.append(c)
+        scores.append(s)
     return {"codes": np.concatenate(codes), "scores": np.concatenate(scores), "batch_seconds": times,
             "batch_cpu_seconds": cpu}
 
 
-def _merge_runs(parts: list[dict]) -> dict:
-    return {"codes": np.concatenate([p["codes"] for p in parts]),
-            "scores": np.concatenate([p["scores"] for p in parts]),
-            "batch_seconds": [t for p in parts for t in p["batch_seconds"]],
-            "batch_cpu_seconds": [t for p in parts for t in p["batch_cpu_seconds"]]}
+def run_ours(decoder: GeniusDecoder, trie: Trie, queries: torch.Tensor, beam: int, batch: int,
+             top_k: int) -> dict:
+    return _run_batches(lambda q: decode_ours(decoder, trie, q, beam, top_k), queries, batch)
 
 
-def compare(ours: dict, hf: dict, tie_tol: float = 1e-4) -> dict:
-    """Top-k agreement per query, and score differences."""
+def run_hf(model, decoder: GeniusDecoder, fn, queries: torch.Tensor, beam: int, batch: int, top_k: int,
+           processor: LogitsProcessor | None = None) -> dict:
+    return _run_batches(lambda q: decode_hf(model, decoder, q, beam, top_k, fn, processor), queries, batch)
+
+
+# --------------------------------------------------------------------------- low precision
+class Bf16Decoder(GeniusDecoder):
+    """A GeniusDecoder converted to bfloat16 (weights, activations, KV cache); query embeddings
+    are cast on entry. beam_search takes each level's logits to fp32 before its log-softmax,
+    so scores are summed in fp32."""
+
+    def start_cache(self, query_emb: torch.Tensor):
+        return super().start_cache(query_emb.to(self.lm_head.weight.dtype))
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's low-precision instruction sets (from /proc/cpuinfo), for the record."""
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+              "amx_tile", "avx512_fp16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def lowp_support(variant: str) -> tuple[bool, str]:
+    """Whether this torch build and CPU run the variant, and why (not)."""
+    try:
+        if variant == "bf16":
+            if not torch.backends.mkldnn.is_available():
+                return False, "torch built without oneDNN (mkldnn)"
+            if hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return False, "oneDNN reports no bf16 support on this CPU (needs avx512bw, avx512_bf16 or amx)"
+            F.linear(torch.ones(4, 8, dtype=torch.bfloat16), torch.ones(2, 8, dtype=torch.bfloat16))
+            native = [f for f in cpu_flags() if f in ("avx512_bf16", "amx_bf16")]
+            return True, ("native bf16: " + ", ".join(native)) if native else "bf16 emulated (no avx512_bf16/amx_bf16)"
+        if variant == "int8":
+            engines = torch.backends.quantized.supported_engines
+            if not {"x86", "fbgemm", "onednn", "qnnpack"} & set(engines):
+                return False, f"no quantized engine (supported: {engines})"
+            make_lowp(nn.Sequential(nn.Linear(8, 2)), "int8")(torch.ones(4, 8))
+            return True, f"quantized engine {torch.backends.quantized.engine}"
+    except Exception as exc:  # an unsupported CPU or build: report, do not fail the benchmark
+        return False, f"{type(exc).__name__}: {exc}"
+    return False, f"unknown variant {variant!r}"
+
+
+def make_lowp(decoder: nn.Module, variant: str) -> nn.Module:
+    """A low-precision copy of the decoder (the fp32 one is left as it is)."""
+    if variant == "bf16":
+        low = copy.deepcopy(decoder).to(torch.bfloat16)
+        low.__class__ = Bf16Decoder
+        return low.eval()
+    if variant == "int8":
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            if isinstance(decoder, GeniusDecoder):
+                # The layers' projections and feed-forward; the level logits (lm_head slices) stay fp32.
+                low = copy.deepcopy(decoder)
+                low.layers = torch.ao.quantization.quantize_dynamic(low.layers, {nn.Linear}, dtype=torch.qint8)
+                return low.eval()
+            return torch.ao.quantization.quantize_dynamic(decoder, {nn.Linear}, dtype=torch.qint8).eval()
+    raise ValueError(f"unknown low-precision variant {variant!r}")
+
+
+def compare(ours: dict, hf: dict, tie_tol: float = 1e-4, names: tuple[str, str] = ("ours", "hf")) -> dict:
+    """Top-k agreement per query, and score differences (`names` label the two sides in mismatches)."""
     Q = len(ours["codes"])
-    identical, same_set, mismatches = 0, 0, []
+    identical, same_set, mismatches, overlap = 0, 0, [], []
     max_diff = 0.0
     for q in range(Q):
         a, b = ours["codes"][q], hf["codes"][q]
+        overlap.append(len({tuple(r) for r in a.tolist()} & {tuple(r) for r in b.tolist()}) / max(1, len(a)))
         sa, sb = ours["scores"][q], hf["scores"][q]
         valid = np.isfinite(sa) & np.isfinite(sb)
         if valid.any():
@@ -258,14 +452,104 @@ def compare(ours: dict, hf: dict, tie_tol: float = 1e-4) -> dict:
         gaps = [abs(float(sa[r]) - float(sb[r])) for r in ranks]
         mismatches.append({
             "query": q, "ranks": ranks, "same_set": ta == tb,
-            "ours": {"codes": a[ranks].tolist(), "scores": [float(sa[r]) for r in ranks]},
-            "hf": {"codes": b[ranks].tolist(), "scores": [float(sb[r]) for r in ranks]},
+            names[0]: {"codes": a[ranks].tolist(), "scores": [float(sa[r]) for r in ranks]},
+            names[1]: {"codes": b[ranks].tolist(), "scores": [float(sb[r]) for r in ranks]},
             "max_score_gap": max(gaps),
             "near_tie": max(gaps) < tie_tol,
         })
     return {"queries": Q, "top_k": int(ours["codes"].shape[1]), "identical": identical,
             "identical_fraction": identical / max(1, Q), "same_set": same_set,
+            "overlap_at_k_mean": float(np.mean(overlap)) if overlap else float("nan"),
+            "near_tie_mismatches": sum(m["near_tie"] for m in mismatches),
+            # Mismatches whose rank-wise score gap is within twice the largest score error seen on
+            # common IDs: order swaps that the arithmetic's own error can explain.
+            "mismatches_within_score_error": sum(m["max_score_gap"] <= 2 * max_diff for m in mismatches),
             "max_abs_score_diff": max_diff, "tie_tolerance": tie_tol, "mismatches": mismatches}
+
+
+
+def validity(codes: np.ndarray, scores: np.ndarray, valid_ids: set[tuple[int, ...]]) -> dict:
+    """How many emitted IDs (slots with a finite score) are IDs of the trie."""
+    live = np.isfinite(scores)
+    emitted = codes[live].tolist()
+    return {"emitted": len(emitted), "valid": sum(tuple(r) in valid_ids for r in emitted),
+            "empty_slots": int((~live).sum())}
+
+
+def spread(values: list[float]) -> dict:
+    """Median and spread of per-repeat values (all repeats kept)."""
+    a = np.asarray(values, dtype=float)
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
+            "q25": float(np.percentile(a, 25)), "q75": float(np.percentile(a, 75)),
+            "repeats": [float(x) for x in a]}
+
+
+def time_methods(methods: dict, queries: torch.Tensor, sizes: list[int], repeats: int) -> tuple[dict, dict]:
+    """Time every method over the whole query set at every batch size, `repeats` times.
+
+    Per repeat and batch size, the query set is walked once in batches and each batch is
+    decoded by every method in turn, the order rotated from batch to batch and repeat to
+    repeat, so that load changes and cache effects fall on all methods alike. Returns
+    times[batch][method] = {"wall", "cpu": per-repeat totals (s), "chunks": per-repeat lists
+    of per-call wall seconds} and the first repeat's outputs[batch][method] = {"codes", "scores"}.
+    """
+    names = list(methods)
+    times = {b: {n: {"wall": [], "cpu": [], "chunks": []} for n in names} for b in sizes}
+    outputs: dict = {b: {} for b in sizes}
+    for rep in range(repeats):
+        for b in sizes:
+            parts = {n: [] for n in names}
+            wall = dict.fromkeys(names, 0.0)
+            cpu = dict.fromkeys(names, 0.0)
+            chunks = {n: [] for n in names}
+            for ci, lo in enumerate(range(0, len(queries), b)):
+                chunk = queries[lo:lo + b]
+                k = (rep + ci) % len(names)
+                for n in names[k:] + names[:k]:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out = methods[n](chunk)
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                    wall[n] += dt
+                    cpu[n] += dc
+                    chunks[n].append(dt)
+                    parts[n].append(out)
+            for n in names:
+                times[b][n]["wall"].append(wall[n])
+                times[b][n]["cpu"].append(cpu[n])
+                times[b][n]["chunks"].append(chunks[n])
+                if rep == 0:
+                    outputs[b][n] = {"codes": np.concatenate([p[0] for p in parts[n]]),
+                                     "scores": np.concatenate([p[1] for p in parts[n]])}
+            log.info("repeat %d/%d, batch %d: %s", rep + 1, repeats, b,
+                     ", ".join(f"{n} {1000 * wall[n] / len(queries):.1f}" for n in names) + " ms/query (wall)")
+    return times, outputs
+
+
+def summarize_timing(times: dict, queries: int, names: list[str]) -> list[dict]:
+    """Per batch size: each method's per-query wall and CPU ms (median, spread) and the speed-ups
+    over the reference (and, for low-precision variants, over ours fp32) as medians of per-repeat
+    ratios: both sides of a ratio come from the same repeat."""
+    sweep = []
+    for b in sorted(times):
+        entry: dict = {"batch": b, "methods": {}, "speedup_vs_reference": {}, "speedup_cpu_vs_reference": {},
+                       "speedup_vs_ours_fp32": {}, "speedup_cpu_vs_ours_fp32": {}}
+        t = times[b]
+        for n in names:
+            wall = spread([1000 * x / queries for x in t[n]["wall"]])
+            cpu = spread([1000 * x / queries for x in t[n]["cpu"]])
+            chunk_median = [float(np.median(c)) for c in zip(*t[n]["chunks"])]
+            entry["methods"][n] = {"ms_per_query": wall["median"], "cpu_ms_per_query": cpu["median"],
+                                   "wall_ms_per_query": wall, "cpu_ms_per_query_spread": cpu,
+                                   "batch_seconds": chunk_median}
+        for n in names:
+            if n != REFERENCE and REFERENCE in t:
+                entry["speedup_vs_reference"][n] = spread([h / o for h, o in zip(t[REFERENCE]["wall"], t[n]["wall"])])
+                entry["speedup_cpu_vs_reference"][n] = spread([h / o for h, o in zip(t[REFERENCE]["cpu"], t[n]["cpu"])])
+            if n.startswith("ours_") and "ours" in t:
+                entry["speedup_vs_ours_fp32"][n] = spread([f / o for f, o in zip(t["ours"]["wall"], t[n]["wall"])])
+                entry["speedup_cpu_vs_ours_fp32"][n] = spread([f / o for f, o in zip(t["ours"]["cpu"], t[n]["cpu"])])
+        sweep.append(entry)
+    return sweep
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -302,10 +586,10 @@ def decoder_flops(cfg: DecoderConfig, embed_dim: int, widths: list[int], out_tok
             "attention_products": steps_attn, "logits": steps_logits, "total": total}
 
 
-def matmul_rate(m: int, k: int, n: int, min_seconds: float = 0.5) -> float:
-    """GFLOP/s of F.linear((m, k), (n, k)) in fp32, best of a few timed rounds."""
-    a = torch.randn(m, k)
-    w = torch.randn(n, k)
+def matmul_rate(m: int, k: int, n: int, min_seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of F.linear((m, k), (n, k)) in `dtype` (fp32 by default), best of a few timed rounds."""
+    a = torch.randn(m, k).to(dtype)
+    w = torch.randn(n, k).to(dtype)
     with torch.inference_mode():
         for _ in range(3):
             F.linear(a, w)
@@ -351,55 +635,115 @@ def per_query_ms(times: list[float], queries: int) -> float:
     return 1000.0 * sum(times) / queries
 
 
+def _rng(s: dict, fmt: str = ".1f") -> str:
+    return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
+
+
+def _main_rows(r: dict) -> list[tuple]:
+    """(label, batch, ms, cpu_ms, gflop or None, wall spread) of the headline table."""
+    c, t, fl = r["config"], r["timing"], r["flops"]
+    main = next(e for e in t["sweep"] if e["batch"] == c["batch"])
+    rows = []
+    for n in c["methods"]:
+        m = main["methods"][n]
+        gflop = (fl["hf"] if n.startswith("hf") else fl["ours"])["total"] / 1e9
+        rows.append((METHOD_LABELS[n], c["batch"], m["ms_per_query"], m["cpu_ms_per_query"], gflop,
+                     m["wall_ms_per_query"], n))
+    if t["ours_best"]["batch"] != c["batch"]:
+        rows.append(("ours beam_search fp32 (best batch; secondary)", t["ours_best"]["batch"],
+                     t["ours_best"]["ms_per_query"], t["ours_best"]["cpu_ms_per_query"], fl["ours"]["total"] / 1e9,
+                     None, "ours"))
+    return rows
+
+
 def render_text(r: dict) -> str:
     c, m, t = r["config"], r["machine"], r["timing"]
-    a, fl, mm = r["agreement"], r["flops"], r["matmul"]
+    a, fl, mm, sp = r["agreement"], r["flops"], r["matmul"], r["speedup"]
     dec = c["decoder_config"]
     lines = [
         f"GENIUS decode benchmark: torch {m['torch_version']}, transformers {m['transformers_version']}, "
-        f"{m['torch_threads']} torch threads, {m['cpus_usable']} CPUs ({m['cpu_model']})",
+        f"{m['torch_threads']} torch threads, {m['cpus_usable']} CPUs ({m['cpu_model']}; "
+        f"{' '.join(m.get('cpu_flags', [])) or 'no flags read'})",
         f"decoder {c['decoder']} ({dec['num_layers']} layers, d={dec['d_model']}, {dec['num_heads']} heads, "
         f"d_ff {dec['d_ff']}, P={dec['prefix_len']}), L={c['levels']} x K={c['codebook_size']}, "
         f"{c['num_ids']} IDs ({c['modalities']} modalities, {r['trie']['distinct_ids']} distinct), "
         f"beam {c['beam']}, {c['queries']} queries, embed_dim {c['embed_dim']}",
+        f"every method at batch sizes {c['batch_sizes']}, {c['repeats']} repeats each (methods alternating per "
+        f"batch); medians with [min-max] over repeats; main batch {c['batch']}",
         "normalisation: ours normalize='allowed', HF renormalize_logits=True (log-softmax over the "
         "trie-allowed tokens in both); HF length_penalty=0 (scores = summed log-probs)",
         "",
-        f"{'method':<42}{'batch':>6}{'ms/query':>11}{'cpu ms/q':>10}{'GFLOP/q':>9}{'GFLOP/s':>9}{'x floor':>9}",
+        f"{'method (main batch)':<52}{'batch':>6}{'ms/query [min-max]':>24}{'cpu ms/q':>10}{'GFLOP/q':>9}"
+        f"{'GFLOP/s':>9}{'x floor':>9}",
     ]
-    def row(name, batch, ms, cpu_ms, gflop):
+    for label, batch, ms, cpu_ms, gflop, wall, n in _main_rows(r):
         floor_ms = 1000 * gflop / mm["rate_gflops"]
-        lines.append(f"{name:<42}{batch:>6}{ms:>11.1f}{cpu_ms:>10.1f}{gflop:>9.2f}{gflop / (ms / 1000):>9.1f}"
-                     f"{ms / floor_ms:>9.2f}")
-    row("HF generate + prefix_allowed_tokens_fn", c["batch"], t["hf"]["ms_per_query"], t["hf"]["cpu_ms_per_query"],
-        fl["hf"]["total"] / 1e9)
-    row("ours beam_search (same batch)", c["batch"], t["ours"]["ms_per_query"], t["ours"]["cpu_ms_per_query"],
-        fl["ours"]["total"] / 1e9)
-    best = t["ours_best"]
-    if best["batch"] != c["batch"]:
-        row("ours beam_search (best batch)", best["batch"], best["ms_per_query"], best["cpu_ms_per_query"],
-            fl["ours"]["total"] / 1e9)
+        fp32 = not n.startswith("ours_")
+        lines.append(f"{label:<52}{batch:>6}{(_rng(wall) if wall else f'{ms:.1f}'):>24}{cpu_ms:>10.1f}{gflop:>9.2f}"
+                     f"{gflop / (ms / 1000):>9.1f}{(f'{ms / floor_ms:.2f}' if fp32 else '-'):>9}")
     lines += [
         "",
-        f"speed-up (wall), same batch: {r['speedup']['same_batch']:.2f}x   at our best batch: "
-        f"{r['speedup']['best_batch']:.2f}x   (target >= 3x);   CPU time, same batch: "
-        f"{r['speedup']['same_batch_cpu_time']:.2f}x",
+        f"speed-up over the reference at equal batch {c['batch']} (wall): {sp['same_batch']:.2f}x "
+        f"[{sp['same_batch_min']:.2f}-{sp['same_batch_max']:.2f}], per repeat "
+        f"{[round(x, 2) for x in r['speedup_repeats']]}; CPU time: {r['speedup_cpu_same_batch']:.2f}x "
+        f"(target >= {sp['target']:g}x)",
+        f"HF vectorised: {sp['hf_vectorised_same_batch']:.2f}x the reference; ours {sp['ours_over_hf_vectorised_same_batch']:.2f}x "
+        f"HF vectorised",
+        f"{sp['best_batch_note']}: {sp['best_batch']:.2f}x",
+        "",
+        "by batch size (ms/query, median [min-max] over repeats; speed-up = median of per-repeat ratios):",
     ]
-    if t.get("ours_sweep"):
-        lines.append("ours by batch size (ms/query): " + ", ".join(
-            f"{s['batch']}: {s['ms_per_query']:.1f}" for s in t["ours_sweep"]))
+    for e in t["sweep"]:
+        lines.append(f"  batch {e['batch']}:")
+        for n in c["methods"]:
+            mth = e["methods"][n]
+            sw = e["speedup_vs_reference"].get(n)
+            sc = e["speedup_cpu_vs_reference"].get(n)
+            extra = f"   x ref: wall {_rng(sw, '.2f')}, cpu {sc['median']:.2f}" if sw else ""
+            lines.append(f"    {n:<15} wall {_rng(mth['wall_ms_per_query']):>24}   cpu "
+                         f"{_rng(mth['cpu_ms_per_query_spread']):>24}{extra}")
+    lp = r["lowp"]
+    lines += ["", f"low precision (main batch {c['batch']}; agreement = top-{a['top_k']} ID list identical to ours fp32):"]
+    for variant, info in lp["variants"].items():
+        if not info["supported"]:
+            lines.append(f"  {variant:<6} not run: {info['support']}")
+            continue
+        ag = info["agreement"]
+        lines.append(
+            f"  {variant:<6} wall {info['ms_per_query']:.1f} ms/q, cpu {info['cpu_ms_per_query']:.1f}; "
+            f"x ours fp32 {_rng(info['speedup_vs_ours_fp32'], '.2f')} (cpu {info['speedup_cpu_vs_ours_fp32']['median']:.2f}); "
+            f"x reference {_rng(info['speedup_vs_reference'], '.2f')} (cpu {info['speedup_cpu_vs_reference']['median']:.2f}); "
+            f"top-{ag['top_k']} identical {ag['identical']}/{ag['queries']} ({100 * info['top10_agreement']:.0f}%), "
+            f"overlap@{ag['top_k']} {info['overlap_at_10_mean']:.3f}, max |score diff| {ag['max_abs_score_diff']:.2e}, "
+            f"near ties (<{ag['tie_tolerance']:g}) {ag['near_tie_mismatches']}, within score error "
+            f"{ag['mismatches_within_score_error']}/{len(ag['mismatches'])}  [{info['support']}]")
+    if r["lowp_variant"]:
+        lines.append(f"  lowp headline ({r['lowp_variant']}): {r['lowp_speedup']:.2f}x the reference, "
+                     f"{r['lowp_speedup_vs_fp32']:.2f}x ours fp32, top-{a['top_k']} agreement {r['lowp_top10_agreement']:.2f} "
+                     f"({'meets' if r['lowp_meets_agreement_target'] else 'MISSES'} the "
+                     f"{lp['agreement_target']:.0%} target)")
+    va = r["agreement_hf_vectorised"]
     lines += [
-        f"top-{a['top_k']} identical: {a['identical']}/{a['queries']} queries ({100 * a['identical_fraction']:.0f}%), "
-        f"same set: {a['same_set']}/{a['queries']}, max |score diff| {a['max_abs_score_diff']:.2e}",
+        "",
+        f"top-{a['top_k']} identical, ours vs hf: {a['identical']}/{a['queries']} queries "
+        f"({100 * a['identical_fraction']:.0f}%), same set: {a['same_set']}/{a['queries']}, "
+        f"max |score diff| {a['max_abs_score_diff']:.2e}",
     ]
     for mis in a["mismatches"]:
         lines.append(f"  query {mis['query']}: ranks {mis['ranks']} differ, max score gap {mis['max_score_gap']:.2e}"
                      f" ({'near tie' if mis['near_tie'] else 'NOT a near tie'})")
     lines += [
-        f"matmul rate: {mm['rate_gflops']:.1f} GFLOP/s fp32 (best of {mm['shapes']}); "
-        f"arithmetic floor for ours: {r['floor']['ours_floor_ms_per_query']:.1f} ms/query -> "
+        f"hf_vectorised vs hf: {va['vs_hf']['identical']}/{va['vs_hf']['queries']} identical "
+        f"(max |score diff| {va['vs_hf']['max_abs_score_diff']:.2e}); vs ours: {va['vs_ours']['identical']}/"
+        f"{va['vs_ours']['queries']}",
+        "valid emitted IDs: " + ", ".join(f"{n} {v['valid']}/{v['emitted']}" for n, v in r["validity"].items()),
+        f"matmul rate: {mm['rate_gflops']:.1f} GFLOP/s fp32 (best of {mm['shapes']})"
+        + (f", {mm['bf16_rate_gflops']:.1f} GFLOP/s bf16" if mm.get("bf16_rate_gflops") else "")
+        + f"; arithmetic floor for ours: {r['floor']['ours_floor_ms_per_query']:.1f} ms/query -> "
         f"ours at {r['floor']['ours_x_floor']:.2f}x floor (best batch {r['floor']['ours_best_x_floor']:.2f}x, "
-        f"CPU time {r['floor']['ours_cpu_x_floor']:.2f}x)",
+        f"CPU time {r['floor']['ours_cpu_x_floor']:.2f}x)"
+        + (f"; bf16 at {r['floor']['ours_bf16_x_bf16_floor']:.2f}x its bf16 floor "
+           f"({r['floor']['ours_bf16_floor_ms_per_query']:.1f} ms/query)" if "ours_bf16_x_bf16_floor" in r["floor"] else ""),
         f"FLOPs/query: ours {fl['ours']['total'] / 1e9:.2f} G (logits {fl['ours']['logits'] / 1e9:.2f} G), "
         f"HF {fl['hf']['total'] / 1e9:.2f} G (logits {fl['hf']['logits'] / 1e9:.2f} G)",
         f"load average before/after: {r['load_average']['before']} / {r['load_average']['after']}",
@@ -410,38 +754,90 @@ def render_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _median(s: dict | None, fmt: str = ".2f") -> str:
+    return "1" if s is None else f"{s['median']:{fmt}}"
+
+
 def render_markdown(r: dict, text: str) -> str:
-    c, t, fl, mm, a = r["config"], r["timing"], r["flops"], r["matmul"], r["agreement"]
+    c, t, mm, a, sp = r["config"], r["timing"], r["matmul"], r["agreement"], r["speedup"]
     md = [
-        "# Decode benchmark: `genius.beam_search` vs HF `generate` + `prefix_allowed_tokens_fn`",
+        "# Decode benchmark: `genius.beam_search` vs HF `generate` (callback and vectorised trie constraint)",
         "",
         f"Command: `{' '.join(['python bench/decode.py'] + c['argv'])}`",
         "",
-        "| method | batch | ms/query (wall) | CPU ms/query | GFLOP/query | GFLOP/s | x arithmetic floor |",
+        f"Every method decodes the same {c['queries']} queries at each batch size {c['batch_sizes']}, "
+        f"{c['repeats']} times (methods alternating batch by batch); times are medians over the repeats with "
+        f"[min-max]; speed-ups are medians of per-repeat ratios at equal batch.",
+        "",
+        f"## Main batch ({c['batch']})",
+        "",
+        "| method | batch | ms/query wall [min-max] | CPU ms/query | GFLOP/query | GFLOP/s | x arithmetic floor |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    def row(name, batch, ms, cpu_ms, gflop):
+    for label, batch, ms, cpu_ms, gflop, wall, n in _main_rows(r):
         floor_ms = 1000 * gflop / mm["rate_gflops"]
-        md.append(f"| {name} | {batch} | {ms:.1f} | {cpu_ms:.1f} | {gflop:.2f} | {gflop / (ms / 1000):.1f} "
-                  f"| {ms / floor_ms:.2f} |")
-    row("HF generate + prefix_allowed_tokens_fn", c["batch"], t["hf"]["ms_per_query"], t["hf"]["cpu_ms_per_query"],
-        fl["hf"]["total"] / 1e9)
-    row("ours `beam_search` (same batch)", c["batch"], t["ours"]["ms_per_query"], t["ours"]["cpu_ms_per_query"],
-        fl["ours"]["total"] / 1e9)
-    if t["ours_best"]["batch"] != c["batch"]:
-        row("ours `beam_search` (best batch)", t["ours_best"]["batch"], t["ours_best"]["ms_per_query"],
-            t["ours_best"]["cpu_ms_per_query"], fl["ours"]["total"] / 1e9)
+        fp32 = not n.startswith("ours_")
+        md.append(f"| {label} | {batch} | {_rng(wall) if wall else f'{ms:.1f}'} | {cpu_ms:.1f} | {gflop:.2f} | "
+                  f"{gflop / (ms / 1000):.1f} | {f'{ms / floor_ms:.2f}' if fp32 else '-'} |")
     md += [
         "",
-        f"- Speed-up (wall time) at the same batch: **{r['speedup']['same_batch']:.2f}x**; at our best batch: "
-        f"**{r['speedup']['best_batch']:.2f}x**; in CPU time at the same batch: "
-        f"{r['speedup']['same_batch_cpu_time']:.2f}x.",
+        f"- Speed-up over the reference at equal batch (wall): **{sp['same_batch']:.2f}x** "
+        f"[{sp['same_batch_min']:.2f}-{sp['same_batch_max']:.2f} over repeats; per repeat "
+        f"{', '.join(f'{x:.2f}' for x in r['speedup_repeats'])}]; in CPU time: **{r['speedup_cpu_same_batch']:.2f}x** "
+        f"(target >= {sp['target']:g}x).",
+        f"- HF with the vectorised trie processor: {sp['hf_vectorised_same_batch']:.2f}x the reference; ours is "
+        f"{sp['ours_over_hf_vectorised_same_batch']:.2f}x faster than it.",
+    ]
+    if r["lowp_variant"]:
+        md.append(f"- Low precision ({r['lowp_variant']}): **{r['lowp_speedup']:.2f}x** the reference, "
+                  f"{r['lowp_speedup_vs_fp32']:.2f}x ours fp32, top-{a['top_k']} agreement with ours fp32 "
+                  f"**{r['lowp_top10_agreement']:.2f}** ({'meets' if r['lowp_meets_agreement_target'] else 'misses'} "
+                  f"the {r['lowp']['agreement_target']:.0%} target).")
+    md += [
+        f"- {sp['best_batch_note'][0].upper()}{sp['best_batch_note'][1:]}: {sp['best_batch']:.2f}x.",
         f"- {r['machine']['torch_threads']} torch threads; load average before/after "
         f"{r['load_average']['before']} / {r['load_average']['after']} on {r['machine']['cpus_usable']} CPUs.",
-        f"- Top-{a['top_k']} IDs identical for {a['identical']}/{a['queries']} queries; "
-        f"max |score difference| {a['max_abs_score_diff']:.2e}.",
-        f"- Matmul rate {mm['rate_gflops']:.1f} GFLOP/s (fp32); our floor {r['floor']['ours_floor_ms_per_query']:.1f} "
-        f"ms/query.",
+        f"- Top-{a['top_k']} IDs identical, ours vs reference: {a['identical']}/{a['queries']} queries "
+        f"(max |score difference| {a['max_abs_score_diff']:.2e}); HF vectorised vs reference: "
+        f"{r['agreement_hf_vectorised']['vs_hf']['identical']}/{a['queries']}.",
+        "- Valid emitted IDs: " + ", ".join(f"{n} {v['valid']}/{v['emitted']}" for n, v in r["validity"].items()) + ".",
+        f"- Matmul rate {mm['rate_gflops']:.1f} GFLOP/s (fp32)"
+        + (f", {mm['bf16_rate_gflops']:.1f} GFLOP/s (bf16)" if mm.get("bf16_rate_gflops") else "")
+        + f"; our fp32 floor {r['floor']['ours_floor_ms_per_query']:.1f} ms/query.",
+        "",
+        "## By batch size",
+        "",
+    ]
+    for e in t["sweep"]:
+        md += [f"Batch {e['batch']}:", "",
+               "| method | ms/query wall [min-max] | CPU ms/query [min-max] | x reference (wall) [min-max] | "
+               "x reference (CPU) |",
+               "|---|---:|---:|---:|---:|"]
+        for n in c["methods"]:
+            mth = e["methods"][n]
+            sw, sc = e["speedup_vs_reference"].get(n), e["speedup_cpu_vs_reference"].get(n)
+            md.append(f"| {METHOD_LABELS[n]} | {_rng(mth['wall_ms_per_query'])} | "
+                      f"{_rng(mth['cpu_ms_per_query_spread'])} | {_rng(sw, '.2f') if sw else '1'} | "
+                      f"{_median(sc)} |")
+        md.append("")
+    md += [
+        f"## Low precision (batch {c['batch']}, against ours fp32)",
+        "",
+        "| variant | ms/query wall | CPU ms/query | x ours fp32 (wall) | x reference (wall) | x reference (CPU) | "
+        f"top-{a['top_k']} identical | overlap@{a['top_k']} | max abs score diff | mismatches within score error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant, info in r["lowp"]["variants"].items():
+        if not info["supported"]:
+            md.append(f"| {variant} | not run: {info['support']} | | | | | | | | |")
+            continue
+        ag = info["agreement"]
+        md.append(f"| {variant} | {_rng(info['wall_ms_per_query'])} | {info['cpu_ms_per_query']:.1f} | "
+                  f"{_rng(info['speedup_vs_ours_fp32'], '.2f')} | {_rng(info['speedup_vs_reference'], '.2f')} | "
+                  f"{info['speedup_cpu_vs_reference']['median']:.2f} | {ag['identical']}/{ag['queries']} | "
+                  f"{info['overlap_at_10_mean']:.3f} | {ag['max_abs_score_diff']:.1e} | "
+                  f"{ag['mismatches_within_score_error']}/{len(ag['mismatches'])} |")
+    md += [
         "",
         "Full output:",
         "",
@@ -454,6 +850,21 @@ def render_markdown(r: dict, text: str) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def choose_lowp(variants: dict) -> tuple[str | None, bool]:
+    """The variant behind lowp_speedup / lowp_top10_agreement: the fastest (wall, vs the reference)
+    of those keeping >= LOWP_AGREEMENT_TARGET top-10 agreement with our fp32; if none does, the
+    one with the highest agreement (then the fastest), flagged as missing the target."""
+    ran = {k: v for k, v in variants.items() if v.get("supported")}
+    if not ran:
+        return None, False
+    def speed(k):
+        return ran[k]["speedup_vs_reference"]["median"]
+    keeping = [k for k in ran if ran[k]["top10_agreement"] >= LOWP_AGREEMENT_TARGET]
+    if keeping:
+        return max(keeping, key=speed), True
+    return max(ran, key=lambda k: (ran[k]["top10_agreement"], speed(k))), False
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
@@ -463,12 +874,14 @@ def main(argv: list[str] | None = None) -> dict:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.get_num_threads() > 1 and load_before[0] > usable:
         log.warning("load average %.2f exceeds the %d usable CPUs: multi-threaded timings will be distorted by "
-                    "thread contention (try --threads 1); both methods still run under the same conditions",
+                    "thread contention (try --threads 1); all methods still run under the same conditions",
                     load_before[0], usable)
     L, K, W = args.levels, args.codebook_size, args.beam
     top_k = min(args.top_k, W)
     batch = max(1, min(args.batch, args.queries))
     cfg = DecoderConfig() if args.decoder == "paper" else DecoderConfig.small()
+    sizes = [batch] if args.skip_sweep else sorted(
+        {max(1, min(int(s), args.queries)) for s in args.sweep.split(",") if s.strip()} | {batch})
 
     log.info("generating %d IDs (%d levels x %d codes, %s modalities)", args.num_ids, L, K, args.modalities)
     t0 = time.perf_counter()
@@ -483,61 +896,101 @@ def main(argv: list[str] | None = None) -> dict:
     dict_trie = build_dict_trie(codes, mods, K)
     stats["dict_trie_build_seconds"] = round(time.perf_counter() - t0, 2)
     fn = make_prefix_allowed_tokens_fn(dict_trie)
+    valid_ids = {tuple(r) for r in np.concatenate([mods[:, None], codes], axis=1).tolist()}
 
     decoder = GeniusDecoder(cfg, args.embed_dim, L, K).eval()
     from genius.hf_t5 import to_hf_t5
     hf = to_hf_t5(decoder)
+    t0 = time.perf_counter()
+    tables = TokenTrieTables(id_tokens(codes, mods, K), decoder.vocab_size)
+    stats["token_tables_build_seconds"] = round(time.perf_counter() - t0, 2)
+    processor = TrieLogitsProcessor(tables)
     gen = torch.Generator().manual_seed(args.seed + 1)
     queries = torch.randn(args.queries, args.embed_dim, generator=gen)
 
-    # Warm-up: one call each, on the first query.
-    log.info("warm-up (one query each)")
-    run_ours(decoder, trie, queries[:1], W, 1, top_k)
-    run_hf(hf, decoder, fn, queries[:1], W, 1, top_k)
+    methods = {
+        "hf": lambda q: decode_hf(hf, decoder, q, W, top_k, fn=fn),
+        "hf_vectorised": lambda q: decode_hf(hf, decoder, q, W, top_k, processor=processor),
+        "ours": lambda q: decode_ours(decoder, trie, q, W, top_k),
+    }
+    lowp_info: dict = {}
+    for variant in args.lowp:
+        ok, why = lowp_support(variant)
+        lowp_info[variant] = {"supported": ok, "support": why}
+        if ok:
+            low = make_lowp(decoder, variant)
+            methods[f"ours_{variant}"] = (lambda d: lambda q: decode_ours(d, trie, q, W, top_k))(low)
+        else:
+            log.warning("low-precision variant %s skipped: %s", variant, why)
+    names = list(methods)
 
-    # Same batches for both, alternating HF and ours batch by batch so that changes in the
-    # machine's load hit both methods alike.
-    log.info("timing %d queries in batches of %d, beam %d: HF and ours alternating", args.queries, batch, W)
-    hf_parts, ours_parts = [], []
-    for lo in range(0, args.queries, batch):
-        chunk = queries[lo:lo + batch]
-        hf_parts.append(run_hf(hf, decoder, fn, chunk, W, len(chunk), top_k))
-        ours_parts.append(run_ours(decoder, trie, chunk, W, len(chunk), top_k))
-        log.info("queries %d-%d: HF %.2f s, ours %.2f s", lo, lo + len(chunk) - 1,
-                 hf_parts[-1]["batch_seconds"][0], ours_parts[-1]["batch_seconds"][0])
-    hf_run, ours_run = _merge_runs(hf_parts), _merge_runs(ours_parts)
-    log.info("HF: %.1f ms/query; ours: %.1f ms/query", per_query_ms(hf_run["batch_seconds"], args.queries),
-             per_query_ms(ours_run["batch_seconds"], args.queries))
+    log.info("warm-up (one query per method)")
+    for n in names:
+        methods[n](queries[:1])
+    log.info("timing %s: %d queries at batch sizes %s, %d repeats, beam %d", names, args.queries, sizes,
+             args.repeats, W)
+    times, outputs = time_methods(methods, queries, sizes, args.repeats)
+    sweep = summarize_timing(times, args.queries, names)
+    main_entry = next(e for e in sweep if e["batch"] == batch)
+    out_main = outputs[batch]
 
-    sweep = []
-    if not args.skip_sweep:
-        sizes = sorted({min(int(s), args.queries) for s in args.sweep.split(",") if s.strip()} - {batch})
-        for b in sizes:
-            run = run_ours(decoder, trie, queries, W, b, top_k)
-            sweep.append({"batch": b, "ms_per_query": per_query_ms(run["batch_seconds"], args.queries),
-                          "cpu_ms_per_query": per_query_ms(run["batch_cpu_seconds"], args.queries),
-                          "batch_seconds": run["batch_seconds"]})
-            log.info("ours batch %d: %.1f ms/query", b, sweep[-1]["ms_per_query"])
-    same = {"batch": batch, "ms_per_query": per_query_ms(ours_run["batch_seconds"], args.queries),
-            "cpu_ms_per_query": per_query_ms(ours_run["batch_cpu_seconds"], args.queries),
-            "batch_seconds": ours_run["batch_seconds"]}
-    all_ours = sorted(sweep + [same], key=lambda s: s["batch"])
-    best = min(all_ours, key=lambda s: s["ms_per_query"])
-    hf_ms = per_query_ms(hf_run["batch_seconds"], args.queries)
-
-    agreement = compare(ours_run, hf_run)
-    log.info("top-%d identical for %d/%d queries", top_k, agreement["identical"], agreement["queries"])
+    # Agreement at the main batch (first repeat's outputs).
+    agreement = compare(out_main["ours"], out_main["hf"])
+    log.info("ours vs hf: top-%d identical for %d/%d queries", top_k, agreement["identical"], agreement["queries"])
+    vec_vs_hf = compare(out_main["hf_vectorised"], out_main["hf"], names=("hf_vectorised", "hf"))
+    vec_vs_ours = compare(out_main["hf_vectorised"], out_main["ours"], names=("hf_vectorised", "ours"))
+    valid = {n: validity(out_main[n]["codes"], out_main[n]["scores"], valid_ids) for n in names}
+    consistency = {n: {str(b): sum(np.array_equal(outputs[b][n]["codes"][q], out_main[n]["codes"][q])
+                                   for q in range(args.queries)) / args.queries for b in sizes}
+                   for n in names}
 
     # FLOPs per query and the arithmetic floor.
     widths = step_widths(W, L, K)
     ours_out = [NUM_MODALITIES] + [K] * L
     flops_ours = decoder_flops(cfg, args.embed_dim, widths, ours_out, cross_kv_rows=1)
     flops_hf = decoder_flops(cfg, args.embed_dim, [W] * (L + 1), [decoder.vocab_size] * (L + 1), cross_kv_rows=W)
-    shapes = sorted({(W, cfg.d_model, cfg.d_ff), (batch * W, cfg.d_model, cfg.d_ff), (best["batch"] * W, cfg.d_model, cfg.d_ff)})
+    ours_by_batch = [{"batch": e["batch"], "ms_per_query": e["methods"]["ours"]["ms_per_query"],
+                      "cpu_ms_per_query": e["methods"]["ours"]["cpu_ms_per_query"],
+                      "batch_seconds": e["methods"]["ours"]["batch_seconds"]} for e in sweep]
+    best = min(ours_by_batch, key=lambda s: s["ms_per_query"])
+    shapes = sorted({(W, cfg.d_model, cfg.d_ff), (batch * W, cfg.d_model, cfg.d_ff),
+                     (best["batch"] * W, cfg.d_model, cfg.d_ff)})
     rates = {f"{m}x{k}x{n}": matmul_rate(m, k, n) for m, k, n in shapes}
     rate = max(rates.values())
+    bf16_rates = ({f"{m}x{k}x{n}": matmul_rate(m, k, n, dtype=torch.bfloat16) for m, k, n in shapes}
+                  if lowp_info.get("bf16", {}).get("supported") else {})
     floor_ms = 1000 * flops_ours["total"] / 1e9 / rate
+    hf_floor_ms = 1000 * flops_hf["total"] / 1e9 / rate
     load_after = [round(x, 2) for x in os.getloadavg()]
+
+    m = main_entry["methods"]
+    same = {"batch": batch, "ms_per_query": m["ours"]["ms_per_query"],
+            "cpu_ms_per_query": m["ours"]["cpu_ms_per_query"], "batch_seconds": m["ours"]["batch_seconds"],
+            "wall_ms_per_query": m["ours"]["wall_ms_per_query"],
+            "cpu_ms_per_query_spread": m["ours"]["cpu_ms_per_query_spread"]}
+    hf_ms = m["hf"]["ms_per_query"]
+    sp_wall = main_entry["speedup_vs_reference"]["ours"]
+    sp_cpu = main_entry["speedup_cpu_vs_reference"]["ours"]
+
+    # Low-precision variants against our fp32 at the main batch.
+    for variant, info in lowp_info.items():
+        n = f"ours_{variant}"
+        if not info["supported"]:
+            continue
+        ag = compare(out_main["ours"], out_main[n], names=("ours", n))
+        info.update({
+            "method": n, "batch": batch, "ms_per_query": m[n]["ms_per_query"],
+            "cpu_ms_per_query": m[n]["cpu_ms_per_query"], "wall_ms_per_query": m[n]["wall_ms_per_query"],
+            "cpu_ms_per_query_spread": m[n]["cpu_ms_per_query_spread"],
+            "speedup_vs_ours_fp32": main_entry["speedup_vs_ours_fp32"][n],
+            "speedup_cpu_vs_ours_fp32": main_entry["speedup_cpu_vs_ours_fp32"][n],
+            "speedup_vs_reference": main_entry["speedup_vs_reference"][n],
+            "speedup_cpu_vs_reference": main_entry["speedup_cpu_vs_reference"][n],
+            "top10_agreement": ag["identical_fraction"], "overlap_at_10_mean": ag["overlap_at_k_mean"],
+            "agreement": ag,
+        })
+    lowp_variant, lowp_ok = choose_lowp(lowp_info)
+    chosen = lowp_info.get(lowp_variant, {}) if lowp_variant else {}
 
     result = {
         "config": {
@@ -546,55 +999,110 @@ def main(argv: list[str] | None = None) -> dict:
             "vocab_size": decoder.vocab_size, "num_ids": args.num_ids, "modalities": args.modalities,
             "modality_shares": list(MODALITY_SHARES) if args.modalities == "all" else [1.0, 0.0, 0.0],
             "embed_dim": args.embed_dim, "beam": W, "top_k": top_k, "queries": args.queries, "batch": batch,
+            "batch_sizes": sizes, "repeats": args.repeats, "methods": names, "lowp_variants": args.lowp,
             "seed": args.seed,
             "id_structure": args.id_structure,
             "ids": "residual quantization of a Zipf-weighted Gaussian mixture with fixed random codebooks "
                    "(skewed: Gaussian-fit codewords; balanced: data-sampled codewords)",
-            "weights": "random T5 initialisation (untrained), shared by both methods via genius.hf_t5.to_hf_t5",
+            "weights": "random T5 initialisation (untrained), shared by all methods via genius.hf_t5.to_hf_t5",
             "queries_from": "standard normal query embeddings",
         },
         "normalization": {
             "ours": "beam_search(normalize='allowed'): log-softmax of the level's logits over trie-allowed codes",
             "hf": "generate(renormalize_logits=True, length_penalty=0.0): log-softmax over the vocabulary, "
                   "-inf outside prefix_allowed_tokens_fn, log-softmax again => over allowed tokens",
+            "hf_vectorised": "as hf, with the -inf mask from TrieLogitsProcessor (same trie, tensor ops)",
+            "lowp": "bf16: decoder weights/activations/KV cache in bfloat16, level logits cast to fp32 before the "
+                    "log-softmax, scores summed in fp32; int8: the decoder layers' nn.Linear dynamically "
+                    "quantized (int8 weights, per-call activation scale), level logits fp32",
             "same_distribution": True,
         },
-        "machine": machine_info(),
+        "machine": {**machine_info(), "cpu_flags": cpu_flags()},
         "load_average": {"before": load_before, "after": load_after, "usable_cpus": usable,
                          "contended": torch.get_num_threads() > 1 and max(load_before[0], load_after[0]) > usable},
         "trie": stats,
         "timing": {
-            "hf": {"batch": batch, "ms_per_query": hf_ms, "batch_seconds": hf_run["batch_seconds"],
-                   "cpu_ms_per_query": per_query_ms(hf_run["batch_cpu_seconds"], args.queries),
+            "hf": {"batch": batch, "ms_per_query": hf_ms, "batch_seconds": m["hf"]["batch_seconds"],
+                   "cpu_ms_per_query": m["hf"]["cpu_ms_per_query"],
+                   "wall_ms_per_query": m["hf"]["wall_ms_per_query"],
+                   "cpu_ms_per_query_spread": m["hf"]["cpu_ms_per_query_spread"],
                    "includes": "generate() incl. prefix projection and output_scores (needed for sequences_scores)"},
+            "hf_vectorised": {"batch": batch, "ms_per_query": m["hf_vectorised"]["ms_per_query"],
+                              "cpu_ms_per_query": m["hf_vectorised"]["cpu_ms_per_query"],
+                              "batch_seconds": m["hf_vectorised"]["batch_seconds"],
+                              "wall_ms_per_query": m["hf_vectorised"]["wall_ms_per_query"],
+                              "cpu_ms_per_query_spread": m["hf_vectorised"]["cpu_ms_per_query_spread"],
+                              "speedup_vs_reference": main_entry["speedup_vs_reference"]["hf_vectorised"],
+                              "ours_speedup_over_it": spread([v / o for v, o in zip(
+                                  times[batch]["hf_vectorised"]["wall"], times[batch]["ours"]["wall"])])},
             "ours": same,
-            "ours_sweep": all_ours,
+            "ours_sweep": ours_by_batch,
             "ours_best": {"batch": best["batch"], "ms_per_query": best["ms_per_query"],
                           "cpu_ms_per_query": best["cpu_ms_per_query"]},
+            "sweep": sweep,
+            "method_labels": {n: METHOD_LABELS[n] for n in names},
+            "repeats": args.repeats,
             "cpu_time": "process CPU time (all threads) per query; on a loaded machine it tracks the work "
                         "better than wall time, but counts OpenMP spin-waiting",
+            "order": "per repeat and batch size, each batch of queries is decoded by every method in turn, "
+                     "the order rotated from batch to batch and repeat to repeat",
             "warmup": "one call per method on the first query, untimed",
+            "batch_seconds": "per call, median over repeats",
         },
-        "speedup": {"same_batch": hf_ms / same["ms_per_query"], "best_batch": hf_ms / best["ms_per_query"],
-                    "same_batch_cpu_time": per_query_ms(hf_run["batch_cpu_seconds"], args.queries)
-                    / same["cpu_ms_per_query"],
-                    "target": 3.0},
+        "speedup": {"same_batch": sp_wall["median"],
+                    "same_batch_min": sp_wall["min"], "same_batch_max": sp_wall["max"],
+                    "same_batch_cpu_time": sp_cpu["median"],
+                    "by_batch": {str(e["batch"]): e["speedup_vs_reference"]["ours"]["median"] for e in sweep},
+                    "by_batch_cpu_time": {str(e["batch"]): e["speedup_cpu_vs_reference"]["ours"]["median"]
+                                          for e in sweep},
+                    "hf_vectorised_same_batch": main_entry["speedup_vs_reference"]["hf_vectorised"]["median"],
+                    "ours_over_hf_vectorised_same_batch": float(np.median(
+                        [v / o for v, o in zip(times[batch]["hf_vectorised"]["wall"], times[batch]["ours"]["wall"])])),
+                    "best_batch": hf_ms / best["ms_per_query"],
+                    "best_batch_note": f"secondary, not like for like: the reference at batch {batch} against ours "
+                                       f"at its best batch ({best['batch']})",
+                    "definition": "median over repeats of (reference time / ours time) within the same repeat, "
+                                  "at equal batch",
+                    "target": SPEEDUP_TARGET},
+        "speedup_cpu_same_batch": sp_cpu["median"],
+        "speedup_repeats": sp_wall["repeats"],
+        "lowp_speedup": chosen.get("speedup_vs_reference", {}).get("median"),
+        "lowp_speedup_vs_fp32": chosen.get("speedup_vs_ours_fp32", {}).get("median"),
+        "lowp_top10_agreement": chosen.get("top10_agreement"),
+        "lowp_variant": lowp_variant,
+        "lowp_meets_agreement_target": lowp_ok,
+        "lowp": {"agreement_target": LOWP_AGREEMENT_TARGET, "speedup_target": SPEEDUP_TARGET,
+                 "chosen": lowp_variant, "chosen_meets_agreement_target": lowp_ok,
+                 "rule": "lowp_speedup (vs the reference, wall, equal batch) and lowp_top10_agreement (share of "
+                         "queries whose top-10 ID list equals ours fp32's, order included) are the fastest "
+                         "variant with agreement >= target; if none reaches it, the most agreeing one",
+                 "variants": lowp_info},
         "agreement": agreement,
+        "agreement_hf_vectorised": {"vs_hf": vec_vs_hf, "vs_ours": vec_vs_ours},
+        "validity": valid,
+        "batch_consistency": consistency,
         "flops": {"ours": flops_ours, "hf": flops_hf, "ours_step_widths": widths,
                   "hf_step_widths": [W] * (L + 1), "ours_logits_per_step": ours_out,
                   "hf_logits_per_step": decoder.vocab_size},
-        "matmul": {"rate_gflops": rate, "by_shape_gflops": rates, "shapes": list(rates)},
+        "matmul": {"rate_gflops": rate, "by_shape_gflops": rates, "shapes": list(rates),
+                   "bf16_rate_gflops": max(bf16_rates.values()) if bf16_rates else None,
+                   "bf16_by_shape_gflops": bf16_rates},
         "floor": {
             "ours_floor_ms_per_query": floor_ms,
             "ours_x_floor": same["ms_per_query"] / floor_ms,
             "ours_best_x_floor": best["ms_per_query"] / floor_ms,
             # CPU time against the floor on all threads: less sensitive to waiting for a core.
             "ours_cpu_x_floor": same["cpu_ms_per_query"] / (floor_ms * torch.get_num_threads()),
-            "hf_floor_ms_per_query": 1000 * flops_hf["total"] / 1e9 / rate,
-            "hf_x_floor": hf_ms / (1000 * flops_hf["total"] / 1e9 / rate),
+            "hf_floor_ms_per_query": hf_floor_ms,
+            "hf_x_floor": hf_ms / hf_floor_ms,
+            "hf_vectorised_x_floor": m["hf_vectorised"]["ms_per_query"] / hf_floor_ms,
             "note": "floor = FLOPs / best measured fp32 matmul rate (the lowest floor, so the ratio is conservative)",
         },
     }
+    if bf16_rates and "ours_bf16" in m:
+        bf16_floor = 1000 * flops_ours["total"] / 1e9 / max(bf16_rates.values())
+        result["floor"]["ours_bf16_floor_ms_per_query"] = bf16_floor
+        result["floor"]["ours_bf16_x_bf16_floor"] = m["ours_bf16"]["ms_per_query"] / bf16_floor
     text = render_text(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -70,12 +70,17 @@ def modality_mask(
 
 
 def _log_probs(logits: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Log-probabilities of the allowed tokens, -inf elsewhere. Overwrites `logits` (no copies
+    of the (Q, W, n) tensors: they are the biggest of a step)."""
+    blocked = ~mask
     if normalize == "level":
-        return torch.log_softmax(logits, -1).masked_fill(~mask, float("-inf"))
+        return torch.log_softmax(logits, -1).masked_fill_(blocked, float("-inf"))
     # "allowed": a distribution over the trie's allowed codes (constrained decoding proper).
-    any_allowed = mask.any(-1, keepdim=True)
-    masked = logits.masked_fill(~mask, float("-inf")).masked_fill(~any_allowed, 0.0)
-    return torch.log_softmax(masked, -1).masked_fill(~mask, float("-inf"))
+    # Blocked tokens come out of the log-softmax as -inf; a row with nothing allowed comes out
+    # NaN and is set to -inf.
+    log_probs = torch.log_softmax(logits.masked_fill_(blocked, float("-inf")), -1)
+    dead = ~mask.any(-1, keepdim=True)
+    return log_probs.masked_fill_(dead, float("-inf")) if bool(dead.any()) else log_probs
 
 
 @torch.no_grad()
@@ -114,7 +119,8 @@ def beam_search(
     for step in range(L + 1):
         hidden = decoder.step(tokens, cache)  # (Q, width, d)
         width = hidden.shape[1]
-        logits = hidden @ decoder.level_weight(step).T  # (Q, width, n)
+        # A new tensor (overwritten below); fp32 whatever precision the decoder computes in.
+        logits = (hidden @ decoder.level_weight(step).T).float()  # (Q, width, n)
         n = logits.shape[-1]
         mask = np.zeros((Q * width, n), dtype=bool)
         live = np.flatnonzero(alive)
@@ -126,7 +132,7 @@ def beam_search(
             expansion = trie.expand(step - 1, state)
             mask[live] = expansion.mask
         mask_t = torch.from_numpy(mask).to(device).view(Q, width, n)
-        candidates = beam_scores[..., None] + _log_probs(logits, mask_t, normalize)
+        candidates = _log_probs(logits, mask_t, normalize).add_(beam_scores[..., None])
         keep = min(beam_size, width * n)
         top_scores, top_index = candidates.view(Q, -1).topk(keep, dim=-1)
         parent = (top_index // n).cpu().numpy()

@@ -1,0 +1,177 @@
+"""bench/peers.py's parts on generated data: the full-pool split holds nothing out twice, chance
+is what random rankings get, every peer beats chance, re-ranking and distractors behave, and
+the report is written."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import peers_data  # noqa: E402
+import peers_methods  # noqa: E402
+import peers_report  # noqa: E402
+import peers_scale  # noqa: E402
+
+from genius.index import IndexConfig  # noqa: E402
+from genius.modality import Modality  # noqa: E402
+
+
+def _clustered(rng: np.random.Generator, n: int, dim: int = 48, noise: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
+    """(items, a noisy query per item): queries are their item plus noise, unit norm."""
+    items = rng.normal(size=(n, dim)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = items + noise * rng.normal(size=items.shape).astype(np.float32) / np.sqrt(dim)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return items, queries
+
+
+@pytest.fixture(scope="module")
+def task() -> peers_data.PoolTask:
+    rng = np.random.default_rng(0)
+    items, queries = _clustered(rng, 3000)
+    groups = [str(i) for i in range(len(items))]
+    test, train = peers_data.held_out_split(groups, 100, rng)
+    return peers_data.PoolTask("generated", Modality.TEXT, Modality.TEXT, items, queries[train], train, queries[test],
+                               peers_data.relevance_by_group(groups, test), "own item", {})
+
+
+def _recall(ranked: np.ndarray, task: peers_data.PoolTask, k: int = 10) -> float:
+    return float(np.mean([np.isin(r[:k], rel).any() for r, rel in zip(ranked, task.relevance)]))
+
+
+def test_held_out_split_keeps_test_groups_and_queries_out_of_training():
+    groups = ["a", "a", "b", "c", "c", "c", "d", "e", "f", "g"]
+    queries = ["q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8", "q3"]  # row 9 repeats row 3's query
+    for seed in range(20):
+        test, train = peers_data.held_out_split(groups, 3, np.random.default_rng(seed), queries)
+        test_groups = {groups[r] for r in test}
+        assert len(test_groups) == 3, "one test query per held-out group"
+        assert not test_groups & {groups[r] for r in train}
+        assert not {queries[r] for r in test} & {queries[r] for r in train}
+        if 3 in test:
+            assert 9 not in train
+    rel = peers_data.relevance_by_group(groups, np.array([4]))
+    assert rel[0].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="only 7 groups"):
+        peers_data.held_out_split(groups, 8, np.random.default_rng(0))
+
+
+def test_chance_recall_matches_random_rankings():
+    rng = np.random.default_rng(1)
+    n = 200
+    relevance = [rng.choice(n, size=int(s), replace=False) for s in rng.integers(1, 6, size=40)]
+    t = peers_data.PoolTask("r", Modality.TEXT, Modality.TEXT, np.zeros((n, 2), np.float32), np.zeros((0, 2)),
+                            np.zeros(0, np.int64), np.zeros((40, 2)), relevance, "", {})
+    trials = 3000
+    hits = np.zeros(3)
+    for _ in range(trials):
+        perm = rng.permutation(n)
+        for j, k in enumerate((1, 5, 10)):
+            hits[j] += np.mean([np.isin(perm[:k], rel).any() for rel in relevance])
+    for j, k in enumerate((1, 5, 10)):
+        assert abs(hits[j] / trials - t.chance_recall(k)) < 0.01, k
+
+
+def test_subset_keeps_every_relevant_row_and_remaps(task):
+    sub = task.subset(500, seed=3)
+    assert len(sub.pool) == 500
+    for old, new in zip(task.relevance, sub.relevance):
+        assert (new >= 0).all()
+        np.testing.assert_array_equal(sub.pool[new], task.pool[old])
+    assert len(sub.train_targets) == len(sub.train_queries) > 0
+    assert sub.train_targets.max() < 500
+    # a training pair survives exactly when its target is in the sub-pool
+    kept_targets = {tuple(v) for v in sub.pool[sub.train_targets].round(5)}
+    assert kept_targets <= {tuple(v) for v in task.pool.round(5)}
+    with pytest.raises(ValueError, match="cannot hold"):
+        task.subset(50)
+
+
+def test_every_faiss_peer_beats_chance_and_reranking_recovers_exact(task):
+    chance = task.chance_recall(10)
+    flat = peers_methods.build_faiss("flat", task.pool, task.pool)
+    exact = _recall(flat.search(task.test_queries, 10), task)
+    assert exact > 0.9, "the generated task is solvable by exact search"
+    for name in ("pq12", "opq12", "ivfpq", "rq8x12"):
+        built = peers_methods.build_faiss(name, task.pool, task.pool if name != "rq8x12" else
+                                          np.tile(task.pool, (2, 1)), nprobe=8)
+        r = _recall(built.search(task.test_queries, 10), task)
+        assert r > 10 * chance + 0.1, (name, r, chance)
+        rr = peers_methods.with_rerank(built, task.pool.astype(np.float16))
+        r_rr = _recall(rr.search(task.test_queries, 10), task)
+        assert r_rr >= r - 0.02, (name, r, r_rr)
+        assert rr.bytes_per_item == built.bytes_per_item + 2 * task.pool.shape[1]
+    assert peers_methods.build_faiss("ivfpq", task.pool, task.pool).info["nlist"] == peers_methods.ivf_lists(3000)
+
+
+def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task):
+    cfg = IndexConfig.for_corpus(len(task.pool))
+    cfg.quantizer = replace(cfg.quantizer, epochs=10)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=8)
+    plain, reranked, index = peers_methods.build_genius(task.pool, task.pool_modality, task.train_queries,
+                                                        task.train_targets, int(Modality.TEXT), cfg, beam=10)
+    ranked = plain.search(task.test_queries, 10)
+    assert ranked.shape == (len(task.test_queries), 10)
+    assert ranked.max() < len(task.pool)
+    chance = task.chance_recall(10)
+    r_plain, r_rr = _recall(ranked, task), _recall(reranked.search(task.test_queries, 10), task)
+    assert r_plain > 10 * chance, (r_plain, chance)
+    assert r_rr >= r_plain - 0.02
+    # the beam holds 10 IDs: at most the items carrying them were re-scored
+    most = max(len(np.flatnonzero((index.item_codes(np.arange(len(index))) == c).all(axis=1)))
+               for c in index.item_codes(np.arange(len(index))))
+    assert reranked.pool_share_rescored() * len(task.pool) <= 10 * most
+
+
+def test_distractors_share_a_real_prefix_and_stay_near_their_item():
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([np.full((50, 1), 1), rng.integers(0, 16, size=(50, 4))], axis=1)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    all_codes, all_vecs, base = peers_scale.corpus_of_size(400, codes, vectors, 16, seed=0)
+    assert all_codes.shape == (400, 5) and all_vecs.dtype == np.float16
+    np.testing.assert_array_equal(all_codes[:50], codes)
+    extra = all_codes[50:]
+    assert (extra[:, :2] == codes[base[50:], :2]).all(), "modality code and first semantic code are kept"
+    assert extra.min() >= 0 and extra[:, 1:].max() < 16
+    cos = (all_vecs[50:].astype(np.float32) * vectors[base[50:]]).sum(axis=1)
+    assert cos.min() > 0.9
+    small, _, rows = peers_scale.corpus_of_size(20, codes, vectors, 16, seed=0)
+    np.testing.assert_array_equal(small, codes[rows])
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path, task):
+    row = {"r1": 0.5, "r5": 0.7, "r10": 0.8, "qps_single": 100.0, "qps_batch": 900.0, "cpu_ms_single": 1.0,
+           "cpu_ms_batch": 0.2, "bytes_per_item": 12.0, "build_s": 1.0}
+    results = {
+        "meta": {"command": "python bench/peers.py", "created": "now", "machine": "test", "threads": 1, "torch": "t",
+                 "faiss": "f", "beam": 50, "batch": 32, "single_queries": 10, "nprobe": 8, "rerank_depth": 100,
+                 "total_s": 1.0},
+        "tasks": {"generated": {"summary": task.summary(), "methods": {
+            "flat": row, "pq12": {**row, "r5": 0.35}, "genius_r": {**row, "pool_share_rescored": 0.001}}}},
+        "curve": [{"n": n, "method": m, "r1": 0.1, "r5": 0.2, "r10": 0.3} for n in (2000, 10000) for m in ("flat", "genius")],
+        "scale": [{"n": n, "method": m, "ms_per_query": n / 1e4} for n in (10**4, 10**5) for m in ("flat", "genius")],
+        "skipped": {"fashion": "not installed"},
+    }
+    peers_report.write(results, tmp_path, "peers")
+    assert json.loads((tmp_path / "peers.json").read_text())["tasks"]["generated"]["methods"]["pq12"]["r5"] == 0.35
+    md = (tmp_path / "peers.md").read_text()
+    assert "| pq12 | 0.500 | 0.350 | 0.800 | 0.50 |" in md
+    assert "0.100 %" in md and "fashion: not installed" in md
+    for plot in ("peers_recall_qps.png", "peers_curve.png", "peers_scale.png"):
+        assert (tmp_path / plot).stat().st_size > 5000
+
+
+def test_peers_command_help_names_every_option():
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "peers.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    for option in ("--tasks", "--curve", "--scale", "--beam", "--decoder-epochs", "--cache"):
+        assert option in out
