@@ -1,0 +1,315 @@
+"""GENIUS against vector search at full corpus size: accuracy, speed, bytes per item, scale.
+
+    python bench/peers.py                      # every task whose corpus is installed
+    python bench/peers.py --tasks wordnet      # the measuring stick of accuracy work
+
+Tasks (bench/peers_data.py), every record of the corpus in the pool:
+  wordnet      definition -> synset over all ~117k synsets (Debian package wordnet-base)
+  fashion      image -> image, instance-level: an augmented view finds its own image among
+               all 70k Fashion-MNIST images (dataset-fashion-mnist)
+  openclipart  text -> image and image -> text over all records (openclipart-png)
+Methods (bench/peers_methods.py): genius, genius_r, faiss flat, pq12, opq12, ivfpq, rq8x12
+and the compressed ones re-ranked (`*_rr100`), all on the same embeddings and queries.
+
+Also: the recall curve (WordNet pools of 2k, 10k and all synsets, `--curve`) and the latency
+curve (10^4 .. 10^7 items: WordNet's items plus distractor IDs and vectors, GENIUS on the
+store's memory-mapped index, `--scale`). Results: bench/results/peers.{json,md} and PNG plots.
+Embeddings are cached under --cache, so a second run starts at the fits.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers_data  # noqa: E402
+import peers_methods  # noqa: E402
+import peers_report  # noqa: E402
+
+log = logging.getLogger("bench.peers")
+TASKS = ("wordnet", "fashion", "openclipart")
+PACKAGES = {"wordnet": "wordnet-base", "fashion": "dataset-fashion-mnist", "openclipart": "openclipart-png"}
+KS = (1, 5, 10)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def records(kind: str, cache: Path) -> list[Any]:
+    """All records of a corpus, converted once to shards under the cache."""
+    from genius.data.shards import iter_shards
+
+    folder = cache / "shards" / kind
+    if not (folder / "shards.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("converting %s to shards in %s", kind, folder)
+        if kind == "wordnet":
+            from genius.data import wordnet as corpus
+        elif kind == "fashion":
+            from genius.data import fashion_mnist as corpus
+        else:
+            from genius.data import openclipart as corpus
+        corpus.convert(folder)
+    return list(iter_shards(sorted(folder.glob("*.tar"))))
+
+
+def available(kind: str) -> str | None:
+    """None, or why the corpus is missing."""
+    from genius.data.shards import MissingSourceError
+
+    try:
+        if kind == "wordnet":
+            from genius.data.wordnet import find_files
+        elif kind == "fashion":
+            from genius.data.fashion_mnist import find_files
+        else:
+            from genius.data.openclipart import find_entries
+
+            def find_files(_):  # noqa: ANN001
+                return find_entries(Path("/usr/share/openclipart"))
+        find_files(None)
+    except (MissingSourceError, FileNotFoundError, OSError) as e:
+        return f"{e} (apt-get install {PACKAGES[kind]})"
+    return None
+
+
+def default_encoder(seed: int):
+    import torch
+
+    from genius.encoders import EncoderConfig, MultimodalEncoder
+
+    torch.manual_seed(seed)  # the untrained image tower: its weights are part of the cache fingerprint
+    return MultimodalEncoder.from_config(EncoderConfig()).eval()
+
+
+def load_tasks(kind: str, args: argparse.Namespace) -> list[peers_data.PoolTask]:
+    recs = records(kind, args.cache)[: args.max_records]
+    log.info("%s: %d records", kind, len(recs))
+    if kind == "wordnet":
+        embed = peers_data.CachedEmbedder(default_encoder(args.seed), args.cache / "emb-default.parquet")
+        return [peers_data.wordnet_task(recs, embed, args.test_queries, args.seed)]
+    encoder, name = image_encoder(kind, recs, args)
+    embed = peers_data.CachedEmbedder(encoder, args.cache / f"emb-{name}.parquet")
+    if kind == "fashion":
+        return [peers_data.instance_image_task(recs, embed, args.test_queries, args.seed, "fashion-mnist")]
+    return peers_data.titled_image_tasks(recs, embed, args.test_queries, args.seed, "openclipart")
+
+
+def image_encoder(kind: str, recs: list[Any], args: argparse.Namespace):
+    """--encoder, or stage 1 trained once (and cached) on the task's training pairs only."""
+    from genius.encoders import MultimodalEncoder
+
+    if args.encoder:
+        return MultimodalEncoder.load(args.encoder).eval(), Path(args.encoder).name
+    folder = args.cache / f"encoder-{kind}"
+    if not folder.exists():
+        peers_data.train_stage1(kind, recs, default_encoder(args.seed), args.test_queries, args.seed, folder,
+                                epochs=args.stage1_epochs)
+    return MultimodalEncoder.load(folder).eval(), f"stage1-{kind}"
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def timed_search(method: peers_methods.Built, queries: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, float, float]:
+    """(rankings, wall s, CPU s) of searching `queries` in batches of `batch`."""
+    out = []
+    w0, c0 = time.perf_counter(), time.process_time()
+    for a in range(0, len(queries), batch):
+        out.append(method.search(queries[a : a + batch], k))
+    return np.concatenate(out), time.perf_counter() - w0, time.process_time() - c0
+
+
+def recall(ranked: np.ndarray, relevance: list[np.ndarray], k: int) -> float:
+    return float(np.mean([bool(np.isin(r[:k][r[:k] >= 0], rel).any()) for r, rel in zip(ranked, relevance)]))
+
+
+def measure(method: peers_methods.Built, task: peers_data.PoolTask, args: argparse.Namespace) -> dict[str, Any]:
+    ranked, wall, cpu = timed_search(method, task.test_queries, 10, args.batch)
+    single = task.test_queries[: args.single_queries]
+    _, wall1, cpu1 = timed_search(method, single, 10, 1)
+    row = {f"r{k}": round(recall(ranked, task.relevance, k), 4) for k in KS}
+    row.update(
+        qps_single=round(len(single) / wall1, 2), qps_batch=round(len(ranked) / wall, 2),
+        cpu_ms_single=round(1000 * cpu1 / len(single), 3), cpu_ms_batch=round(1000 * cpu / len(ranked), 3),
+        bytes_per_item=round(method.bytes_per_item, 2), build_s=round(method.build_s, 2), **method.info,
+    )
+    if method.pool_share_rescored is not None:
+        row["pool_share_rescored"] = round(method.pool_share_rescored(), 6)
+    log.info("  %-14s R@1 %.3f R@5 %.3f R@10 %.3f  %7.1f q/s single %8.1f q/s batch  %6.1f B/item  build %.1f s",
+             method.name, row["r1"], row["r5"], row["r10"], row["qps_single"], row["qps_batch"],
+             row["bytes_per_item"], row["build_s"])
+    return row
+
+
+def genius_config(num_items: int, args: argparse.Namespace):
+    from genius.decoder import DecoderConfig
+    from genius.index import IndexConfig
+
+    cfg = IndexConfig.for_corpus(num_items)
+    if args.decoder:
+        cfg.decoder = DecoderConfig.named(args.decoder)
+    if args.quantizer_epochs:
+        cfg.quantizer = replace(cfg.quantizer, epochs=args.quantizer_epochs)
+    cfg.quantizer = replace(cfg.quantizer, batch_size=args.quantizer_batch,
+                            dead_code_threshold=0.02 * args.quantizer_batch / cfg.quantizer.codebook_size)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=args.decoder_epochs, batch_size=args.decoder_batch,
+                                   lr=args.decoder_lr)
+    cfg.quantizer = replace(cfg.quantizer, seed=args.seed)
+    cfg.decoder_training = replace(cfg.decoder_training, seed=args.seed)
+    cfg.beam_size = args.beam
+    return cfg
+
+
+def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argparse.Namespace,
+                keep_index: bool = False) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Every method of --methods on one task: {method: row}, and the GeniusIndex if kept."""
+    rows: dict[str, dict[str, Any]] = {}
+    pool_fp16 = task.pool.astype(np.float16)
+    index = None
+    for name in args.methods:
+        if name == "genius":
+            cfg = genius_config(len(task.pool), args)
+            plain, reranked, index = peers_methods.build_genius(
+                task.pool, task.pool_modality, task.train_queries, task.train_targets, int(task.query_modality), cfg,
+                args.beam, progress=args.progress)
+            rows["genius"] = measure(plain, task, args)
+            rows["genius_r"] = measure(reranked, task, args)
+            continue
+        sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
+        built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe)
+        rows[name] = measure(built, task, args)
+        if name != "flat":
+            rr = peers_methods.with_rerank(built, pool_fp16)
+            rows[rr.name] = measure(rr, task, args)
+    return rows, (index if keep_index else None)
+
+
+def faiss_training_sample(pool: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(pool) <= limit:
+        return pool
+    return pool[np.sort(np.random.default_rng(seed).choice(len(pool), limit, replace=False))]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                   help="corpora to run (default: all; one whose package is missing is skipped with the reason)")
+    p.add_argument("--methods", nargs="+", default=["genius", *peers_methods.FAISS_METHODS],
+                   choices=["genius", *peers_methods.FAISS_METHODS],
+                   help="genius (also gives genius_r) and faiss methods; compressed ones also run re-ranked (_rr100)")
+    p.add_argument("--test-queries", type=int, default=1000, help="held-out queries per task (default 1000)")
+    p.add_argument("--beam", type=int, default=50, help="GENIUS beam size (default 50)")
+    p.add_argument("--batch", type=int, default=32, help="queries per search call for every method (default 32)")
+    p.add_argument("--single-queries", type=int, default=100, help="queries timed one at a time (default 100)")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF-PQ cells searched (default 32)")
+    p.add_argument("--faiss-train", type=int, default=65536, help="faiss training sample (default 65536 vectors)")
+    p.add_argument("--curve", type=int, nargs="*", default=[2000, 10000],
+                   help="WordNet pool sizes for the recall curve besides the full pool (default 2000 10000; "
+                        "none: skip)")
+    p.add_argument("--scale", type=float, nargs="*", default=[1e4, 1e5, 1e6, 1e7],
+                   help="corpus sizes of the latency curve (default 1e4 1e5 1e6 1e7; none: skip)")
+    p.add_argument("--scale-queries", type=int, default=100, help="queries timed per size (default 100)")
+    p.add_argument("--flat-chunk", type=int, default=2_000_000,
+                   help="above this many items the latency curve's flat search runs over chunks (default 2e6)")
+    p.add_argument("--max-records", type=int, help="use only the first N records of each corpus (quick runs)")
+    p.add_argument("--decoder", help="GENIUS decoder size (genius.decoder.DecoderConfig.named; default: small)")
+    p.add_argument("--quantizer-epochs", type=int, help="GENIUS stage-2 epochs (default: IndexConfig.for_corpus)")
+    p.add_argument("--quantizer-batch", type=int, default=1024, help="GENIUS stage-2 batch (default 1024)")
+    p.add_argument("--decoder-epochs", type=int, default=6, help="GENIUS stage-3 epochs (default 6)")
+    p.add_argument("--decoder-batch", type=int, default=512, help="GENIUS stage-3 batch (default 512)")
+    p.add_argument("--decoder-lr", type=float, default=3e-3, help="GENIUS stage-3 peak learning rate (default 3e-3)")
+    p.add_argument("--rq-train", type=int, default=32768,
+                   help="RQ8x12's training sample (default 32768: its 4096-code k-means dominate the build)")
+    p.add_argument("--encoder", help="a saved MultimodalEncoder for the image tasks (default: stage 1 trained on "
+                                     "each task's training pairs, cached)")
+    p.add_argument("--stage1-epochs", type=int, default=2, help="epochs of that stage 1 (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch and faiss threads for every method (default 1)")
+    p.add_argument("--cache", type=Path, default=Path("bench/.cache/peers"),
+                   help="converted shards, embeddings and encoders (default bench/.cache/peers)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of peers.{json,md} and plots")
+    p.add_argument("--name", default="peers", help="file name stem of the results (default peers)")
+    p.add_argument("--progress", action="store_true", help="progress bars while GENIUS trains")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import faiss
+    import torch
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {"meta": meta(args), "tasks": {}, "skipped": {}, "curve": [], "scale": []}
+    out_json = args.out / f"{args.name}.json"
+
+    def save() -> None:
+        results["meta"]["total_s"] = round(time.perf_counter() - t_start, 1)
+        peers_report.write(results, args.out, args.name)
+
+    for kind in args.tasks:
+        missing = available(kind)
+        if missing:
+            log.warning("skipping %s: %s", kind, missing)
+            results["skipped"][kind] = missing
+            continue
+        for task in load_tasks(kind, args):
+            log.info("task %s: %s", task.name, {k: v for k, v in task.summary().items() if k != "relevance_rule"})
+            train_vectors = faiss_training_sample(task.pool, args.faiss_train, args.seed)
+            rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet")
+            results["tasks"][task.name] = {"summary": task.summary(), "methods": rows}
+            if kind == "wordnet":
+                for size in sorted(args.curve):
+                    sub = task.subset(size, args.seed)
+                    sub_rows, _ = run_methods(sub, train_vectors, args)
+                    results["curve"] += [{"n": len(sub.pool), "method": m, **{f"r{k}": r[f"r{k}"] for k in KS}}
+                                         for m, r in sub_rows.items()]
+                    save()
+                results["curve"] += [{"n": len(task.pool), "method": m, **{f"r{k}": r[f"r{k}"] for k in KS}}
+                                     for m, r in rows.items()]
+                if args.scale and index is not None:
+                    import peers_scale
+
+                    peers_scale.latency_curve(task, index, [int(n) for n in args.scale], args, results["scale"], save)
+            save()
+    save()
+    log.info("wrote %s (%.0f s in all)", out_json, time.perf_counter() - t_start)
+    return 0
+
+
+def meta(args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+    import torch
+
+    return {
+        "command": " ".join(["python bench/peers.py", *sys.argv[1:]]),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_start": os.getloadavg(),
+        "threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
+        "beam": args.beam, "batch": args.batch, "single_queries": args.single_queries, "nprobe": args.nprobe,
+        "rerank_depth": peers_methods.RERANK_DEPTH, "seed": args.seed,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The methods `bench/peers.py` compares, behind one interface: build on a pool, search a batch.
+
+faiss (`faiss-cpu`), all by inner product on the same unit-norm embeddings:
+  flat    exact search (IndexFlatIP), 4·D bytes per item;
+  pq12    product quantizer, 12 sub-vectors x 8 bits = 12 bytes;
+  opq12   OPQ rotation + the same PQ, 12 bytes;
+  ivfpq   inverted file (nlist ~ 4·sqrt(N) cells) + PQ12 codes, nprobe cells searched;
+          12 bytes of code + 8 of item number in the lists;
+  rq8x12  residual quantizer, 8 levels x 12 bits = 12 bytes (the code of the paper's IDs:
+          8 x 4096), searched with look-up tables.
+Each compressed one also as `<name>_rr100`: its top 100, re-scored exactly with the stored
+vectors (fp16, 2·D bytes per item more), as GENIUS+R re-scores its beam.
+
+GENIUS: `GeniusIndex.fit` on the pool and the task's training pairs; `genius` ranks in beam
+order, `genius_r` re-scores the beam's items with the stored vectors.
+
+faiss codebooks are trained on `train_vectors` (the full corpus's pool vectors, sampled): on
+a small pool the 4096-code levels of RQ8x12 would have fewer points than codes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench.peers")
+
+FAISS_METHODS = ("flat", "pq12", "opq12", "ivfpq", "rq8x12")
+RERANK_DEPTH = 100
+
+
+@dataclass
+class Built:
+    """A method ready to search: `search(queries (Q, D), k)` -> (Q, k) pool rows (-1 = none)."""
+
+    name: str
+    search: Any
+    build_s: float
+    bytes_per_item: float
+    info: dict[str, Any] = field(default_factory=dict)
+    pool_share_rescored: Any = None  # callable () -> float, GENIUS+R only
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- faiss
+
+
+def faiss_index(name: str, dim: int, num_items: int, nprobe: int):
+    """An untrained faiss index for one of FAISS_METHODS (inner-product metric)."""
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if name == "flat":
+        return faiss.IndexFlatIP(dim)
+    if name == "pq12":
+        return faiss.IndexPQ(dim, 12, 8, ip)
+    if name == "opq12":
+        return faiss.index_factory(dim, "OPQ12,PQ12", ip)
+    if name == "ivfpq":
+        nlist = ivf_lists(num_items)
+        index = faiss.index_factory(dim, f"IVF{nlist},PQ12", ip)
+        index.nprobe = min(nprobe, nlist)
+        return index
+    if name == "rq8x12":
+        index = faiss.IndexResidualQuantizer(dim, 8, 12, ip, faiss.AdditiveQuantizer.ST_LUT_nonorm)
+        index.rq.max_beam_size = 5  # faiss's default encoding beam
+        index.rq.cp.niter = 10  # k-means iterations per level (faiss: 25): the 4096-code levels dominate the build
+        return index
+    raise ValueError(f"unknown faiss method {name!r}: choose from {FAISS_METHODS}")
+
+
+def ivf_lists(num_items: int) -> int:
+    """nlist: the power of two nearest 4·sqrt(N), at least 16 (faiss's rule of thumb)."""
+    return max(16, 2 ** round(math.log2(4 * math.sqrt(num_items))))
+
+
+def build_faiss(name: str, pool: np.ndarray, train_vectors: np.ndarray, nprobe: int = 32) -> Built:
+    dim = pool.shape[1]
+    index = faiss_index(name, dim, len(pool), nprobe)
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+    index.add(np.ascontiguousarray(pool, dtype=np.float32))
+    build_s = time.perf_counter() - t0
+    code = {"flat": 4 * dim, "pq12": 12, "opq12": 12, "ivfpq": 12 + 8, "rq8x12": 12}[name]
+
+    def search(queries: np.ndarray, k: int) -> np.ndarray:
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+
+    info = {"trained_on": len(train_vectors)}
+    if name == "ivfpq":
+        info.update(nlist=int(index.nlist), nprobe=int(index.nprobe))
+    return Built(name, search, build_s, float(code), info)
+
+
+def with_rerank(base: Built, pool_fp16: np.ndarray, depth: int = RERANK_DEPTH) -> Built:
+    """`base`'s top `depth`, re-scored exactly against the stored fp16 vectors."""
+
+    def search(queries: np.ndarray, k: int) -> np.ndarray:
+        top = base.search(queries, depth)
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, rows in enumerate(top):
+            rows = rows[rows >= 0]
+            scores = pool_fp16[rows].astype(np.float32) @ queries[q]
+            order = np.argsort(-scores, kind="stable")[:k]
+            out[q, : len(order)] = rows[order]
+        return out
+
+    return Built(f"{base.name}_rr{depth}", search, base.build_s, base.bytes_per_item + 2 * pool_fp16.shape[1],
+                 {**base.info, "rerank_depth": depth})
+
+
+# ----------------------------------------------------------------------------- GENIUS
+
+
+def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarray, train_targets: np.ndarray,
+                 query_modality: int, config: Any, beam: int, progress: bool = False) -> tuple[Built, Built, Any]:
+    """(genius, genius_r, the fitted GeniusIndex)."""
+    from genius.index import GeniusIndex
+    from genius.items import Items
+    from genius.rerank import cosine
+
+    corpus = Items.from_embeddings(pool, modality, keys=[str(i) for i in range(len(pool))])
+    queries = Items.from_embeddings(train_queries, np.full(len(train_queries), query_modality, dtype=np.int64))
+    index, build_s = _timed(lambda: GeniusIndex.fit(corpus, queries, train_targets, config, progress=progress))
+    trie_bytes = float(index.trie.bytes_per_item())
+    model_bytes = sum(p.numel() * p.element_size() for m in (index.decoder, index.quantizer) for p in m.parameters())
+    vectors = index.vectors
+    rescored: list[int] = []
+
+    def beam_candidates(queries: np.ndarray) -> list[np.ndarray]:
+        return [items for items, _ in index.candidates(np.ascontiguousarray(queries, dtype=np.float32), beam)]
+
+    def search_plain(queries: np.ndarray, k: int) -> np.ndarray:
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, items in enumerate(beam_candidates(queries)):
+            out[q, : min(k, len(items))] = items[:k]
+        return out
+
+    def search_rerank(queries: np.ndarray, k: int) -> np.ndarray:
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, items in enumerate(beam_candidates(queries)):
+            rescored.append(len(items))
+            if len(items):
+                sims = cosine(queries[q], vectors[items])
+                order = np.argsort(-sims, kind="stable")[:k]
+                out[q, : len(order)] = items[order]
+        return out
+
+    info = {"fit_config": _config_summary(config), "trie_bytes_per_item": round(trie_bytes, 2),
+            "model_bytes": int(model_bytes), "beam": beam,
+            "distinct_ids": int(len(np.unique(index.item_codes(np.arange(len(index))), axis=0)))}
+    plain = Built("genius", search_plain, build_s, trie_bytes, info)
+    reranked = Built("genius_r", search_rerank, build_s, trie_bytes + 2 * pool.shape[1], info,
+                     pool_share_rescored=lambda: float(np.mean(rescored)) / len(pool) if rescored else None)
+    return plain, reranked, index
+
+
+def _config_summary(cfg: Any) -> dict[str, Any]:
+    q, d, t = cfg.quantizer, cfg.decoder, cfg.decoder_training
+    return {"levels": q.num_levels, "codebook_size": q.codebook_size, "quantizer_epochs": q.epochs,
+            "decoder": f"{d.num_layers}x{d.d_model} ff{d.d_ff} P{d.prefix_len}", "decoder_epochs": t.epochs,
+            "decoder_batch": t.batch_size, "decoder_lr": t.lr, "index_task": t.index_task}
