@@ -171,31 +171,49 @@ def genius_config(num_items: int, args: argparse.Namespace):
     cfg.quantizer = replace(cfg.quantizer, seed=args.seed)
     cfg.decoder_training = replace(cfg.decoder_training, seed=args.seed)
     cfg.beam_size = args.beam
+    if args.codebook_weight is not None:
+        cfg.codebook_weight = args.codebook_weight
     return cfg
 
 
 def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argparse.Namespace,
                 keep_index: bool = False) -> tuple[dict[str, dict[str, Any]], Any]:
-    """Every method of --methods on one task: {method: row}, and the GeniusIndex if kept."""
+    """Every method of --methods on one task: {method: row}, and the GeniusIndex if kept.
+
+    Every method builds with --build-threads and searches with --threads."""
     rows: dict[str, dict[str, Any]] = {}
     pool_fp16 = task.pool.astype(np.float16)
     index = None
     for name in args.methods:
+        set_threads(args.build_threads)
         if name == "genius":
             cfg = genius_config(len(task.pool), args)
             plain, reranked, index = peers_methods.build_genius(
                 task.pool, task.pool_modality, task.train_queries, task.train_targets, int(task.query_modality), cfg,
                 args.beam, progress=args.progress)
+            set_threads(args.threads)
             rows["genius"] = measure(plain, task, args)
             rows["genius_r"] = measure(reranked, task, args)
+            for weight in args.codebook_weights:  # ablation rows: the same model, the beam scored otherwise
+                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, weight, f"_cb{weight:g}"):
+                    rows[variant.name] = measure(variant, task, args)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
         built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe)
+        set_threads(args.threads)
         rows[name] = measure(built, task, args)
         if name != "flat":
             rr = peers_methods.with_rerank(built, pool_fp16)
             rows[rr.name] = measure(rr, task, args)
     return rows, (index if keep_index else None)
+
+
+def set_threads(n: int) -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 def faiss_training_sample(pool: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -235,13 +253,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-epochs", type=int, default=6, help="GENIUS stage-3 epochs (default 6)")
     p.add_argument("--decoder-batch", type=int, default=512, help="GENIUS stage-3 batch (default 512)")
     p.add_argument("--decoder-lr", type=float, default=3e-3, help="GENIUS stage-3 peak learning rate (default 3e-3)")
+    p.add_argument("--codebook-weight", type=float,
+                   help="weight of the codes' own score in GENIUS's beam (default: IndexConfig's)")
+    p.add_argument("--codebook-weights", type=float, nargs="*", default=[],
+                   help="ablation: also search the same GENIUS model with these codebook weights "
+                        "(rows genius_cbW, genius_r_cbW)")
     p.add_argument("--rq-train", type=int, default=32768,
                    help="RQ8x12's training sample (default 32768: its 4096-code k-means dominate the build)")
     p.add_argument("--encoder", help="a saved MultimodalEncoder for the image tasks (default: stage 1 trained on "
                                      "each task's training pairs, cached)")
     p.add_argument("--stage1-epochs", type=int, default=2, help="epochs of that stage 1 (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch and faiss threads for every method (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and faiss threads of every method's search (default 1)")
+    p.add_argument("--build-threads", type=int, default=os.cpu_count() or 1,
+                   help="torch and faiss threads of every method's build (default: all CPUs)")
     p.add_argument("--cache", type=Path, default=Path("bench/.cache/peers"),
                    help="converted shards, embeddings and encoders (default bench/.cache/peers)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of peers.{json,md} and plots")
@@ -253,11 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import faiss
-    import torch
-
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    set_threads(args.threads)
     t_start = time.perf_counter()
     results: dict[str, Any] = {"meta": meta(args), "tasks": {}, "skipped": {}, "curve": [], "scale": []}
     out_json = args.out / f"{args.name}.json"
@@ -304,7 +326,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python bench/peers.py", *sys.argv[1:]]),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_start": os.getloadavg(),
-        "threads": args.threads, "torch": torch.__version__, "faiss": faiss.__version__,
+        "threads": args.threads, "build_threads": args.build_threads, "torch": torch.__version__, "faiss": faiss.__version__,
         "beam": args.beam, "batch": args.batch, "single_queries": args.single_queries, "nprobe": args.nprobe,
         "rerank_depth": peers_methods.RERANK_DEPTH, "seed": args.seed,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

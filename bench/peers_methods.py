@@ -124,21 +124,31 @@ def with_rerank(base: Built, pool_fp16: np.ndarray, depth: int = RERANK_DEPTH) -
 
 def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarray, train_targets: np.ndarray,
                  query_modality: int, config: Any, beam: int, progress: bool = False) -> tuple[Built, Built, Any]:
-    """(genius, genius_r, the fitted GeniusIndex)."""
+    """(genius, genius_r, the fitted GeniusIndex): the beam scored as config.codebook_weight says."""
     from genius.index import GeniusIndex
     from genius.items import Items
-    from genius.rerank import cosine
 
     corpus = Items.from_embeddings(pool, modality, keys=[str(i) for i in range(len(pool))])
     queries = Items.from_embeddings(train_queries, np.full(len(train_queries), query_modality, dtype=np.int64))
     index, build_s = _timed(lambda: GeniusIndex.fit(corpus, queries, train_targets, config, progress=progress))
+    plain, reranked = genius_methods(index, beam, build_s)
+    return plain, reranked, index
+
+
+def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float | None = None,
+                   suffix: str = "") -> tuple[Built, Built]:
+    """(genius, genius_r) searching a fitted index; codebook_weight overrides the config's."""
+    from genius.rerank import cosine
+
+    pool_size = len(index)
     trie_bytes = float(index.trie.bytes_per_item())
     model_bytes = sum(p.numel() * p.element_size() for m in (index.decoder, index.quantizer) for p in m.parameters())
     vectors = index.vectors
     rescored: list[int] = []
 
     def beam_candidates(queries: np.ndarray) -> list[np.ndarray]:
-        return [items for items, _ in index.candidates(np.ascontiguousarray(queries, dtype=np.float32), beam)]
+        return [items for items, _ in index.candidates(np.ascontiguousarray(queries, dtype=np.float32), beam,
+                                                       codebook_weight=codebook_weight)]
 
     def search_plain(queries: np.ndarray, k: int) -> np.ndarray:
         out = np.full((len(queries), k), -1, dtype=np.int64)
@@ -156,13 +166,14 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
                 out[q, : len(order)] = items[order]
         return out
 
-    info = {"fit_config": _config_summary(config), "trie_bytes_per_item": round(trie_bytes, 2),
-            "model_bytes": int(model_bytes), "beam": beam,
-            "distinct_ids": int(len(np.unique(index.item_codes(np.arange(len(index))), axis=0)))}
-    plain = Built("genius", search_plain, build_s, trie_bytes, info)
-    reranked = Built("genius_r", search_rerank, build_s, trie_bytes + 2 * pool.shape[1], info,
-                     pool_share_rescored=lambda: float(np.mean(rescored)) / len(pool) if rescored else None)
-    return plain, reranked, index
+    weight = index.config.codebook_weight if codebook_weight is None else codebook_weight
+    info = {"fit_config": _config_summary(index.config), "trie_bytes_per_item": round(trie_bytes, 2),
+            "model_bytes": int(model_bytes), "beam": beam, "codebook_weight": weight,
+            "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0)))}
+    plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)
+    reranked = Built("genius_r" + suffix, search_rerank, build_s, trie_bytes + 2 * vectors.shape[1], info,
+                     pool_share_rescored=lambda: float(np.mean(rescored)) / pool_size if rescored else None)
+    return plain, reranked
 
 
 def _config_summary(cfg: Any) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def _fit(args: argparse.Namespace) -> int:
     if args.decoder_epochs is not None:
         config.decoder_training = replace(config.decoder_training, epochs=args.decoder_epochs)
     config.beam_size = args.beam
+    config.codebook_weight = args.codebook_weight
     config.device = args.device
     needs_encoder = corpus.embeddings is None or queries.items.embeddings is None
     encoder = None
@@ -87,7 +88,8 @@ def _search(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("genius search: give --text and/or --image, or --queries FILE")
     result = index.search(queries, k=args.k, beam_size=args.beam, rerank=not args.no_rerank,
-                          target_modalities=args.modality or None, rerank_with=args.rerank_with)
+                          target_modalities=args.modality or None, rerank_with=args.rerank_with,
+                          codebook_weight=args.codebook_weight)
     if args.out:
         rows = [(q, rank, key, int(item), float(score), modality.name.lower())
                 for q, (items, scores, keys, modalities) in enumerate(
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
+    p.add_argument("--codebook-weight", type=float, default=0.0,
+                   help="weight of the codes' own score (query . the ID's code vectors) beside the decoder's "
+                        "log-probabilities in the beam, stored with the index (default: 0, the decoder alone)")
     p.add_argument("--encoder", help="a stage-1 encoder folder (what `genius train encoder` writes); "
                                      "overrides --encoder-model")
     p.add_argument("--encoder-model", help="open_clip model name (default: the offline MiniLM + small CNN model)")
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write results to this Parquet file (query, rank, key, item, score, modality)")
     p.add_argument("-k", "--k", type=int, default=10, help="results per query (default: 10)")
     p.add_argument("--beam", type=int, help="beam size (default: the index's)")
+    p.add_argument("--codebook-weight", type=float, help="weight of the codes' own score in the beam "
+                                                          "(default: the index's)")
     p.add_argument("--modality", action="append", choices=["image", "text", "image_text"],
                    help="only return items of this modality (repeatable)")
     p.add_argument("--no-rerank", action="store_true", help="rank by beam score only")

@@ -4,6 +4,11 @@ Every step scores only the current level's tokens (3 modality tokens, then K cod
 level), masks the codes that the trie does not allow after each beam's prefix, and keeps
 the `beam_size` best prefixes per query. The decoder's KV cache is reordered in place;
 cross-attention keys and values are computed once per query. Only valid IDs come out.
+
+With codebook scores (`ModalResidualQuantizer.code_scores`), each step also adds
+`codebook_weight` x the projected query's inner product with the code's vector: summed over
+the ID that is the query's inner product with the ID's reconstruction (what a residual
+quantizer ranks by), so the beam scores an ID by the decoder and by the index's own codes.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ class BeamResult:
     """Beams of Q queries, best first. Empty slots have score -inf and codes -1."""
 
     codes: np.ndarray  # (Q, W, 1+L): modality, then semantic codes
-    scores: np.ndarray  # (Q, W) summed log-probabilities
+    scores: np.ndarray  # (Q, W) summed log-probabilities (plus the weighted codebook scores)
     items: list[list[np.ndarray]]  # items[q][w]: item numbers carrying that ID
 
     def ranked_items(self, query: int) -> list[tuple[int, float]]:
@@ -83,6 +88,19 @@ def _log_probs(logits: torch.Tensor, mask: torch.Tensor, normalize: str) -> torc
     return log_probs.masked_fill_(dead, float("-inf")) if bool(dead.any()) else log_probs
 
 
+def _codebook_bonus(codebook_scores: tuple[torch.Tensor, torch.Tensor] | None, weight: float, Q: int, L: int,
+                    K: int, device: torch.device) -> list[torch.Tensor] | None:
+    """Per step, the (Q, n) weighted codebook scores added to the candidates (None: none)."""
+    if codebook_scores is None or weight == 0:
+        return None
+    modality, levels = codebook_scores
+    if modality.shape != (Q, NUM_MODALITIES) or levels.shape != (Q, L, K):
+        raise ValueError(f"codebook scores must be ({Q}, {NUM_MODALITIES}) and ({Q}, {L}, {K}), got "
+                         f"{tuple(modality.shape)} and {tuple(levels.shape)}")
+    modality, levels = (weight * modality.float()).to(device), (weight * levels.float()).to(device)
+    return [modality] + [levels[:, level] for level in range(L)]
+
+
 @torch.no_grad()
 def beam_search(
     decoder: GeniusDecoder,
@@ -91,12 +109,16 @@ def beam_search(
     beam_size: int = 50,
     target_modalities: Collection | Sequence[Collection] | None = None,
     normalize: str = "allowed",
+    codebook_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+    codebook_weight: float = 0.0,
 ) -> BeamResult:
     """Decode the `beam_size` most probable valid IDs for each query embedding (Q, D).
 
     target_modalities: restrict the first step to these modalities (one collection for all
     queries, or one per query). normalize: "allowed" renormalises each step over the codes
-    the trie allows; "level" over all tokens of the level (then masks).
+    the trie allows; "level" over all tokens of the level (then masks). codebook_scores:
+    ((Q, 3), (Q, L, K)) inner products of the projected queries with the modality centroids
+    and code vectors, added to the log-probabilities times `codebook_weight`.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -107,6 +129,7 @@ def beam_search(
     decoder.eval()
     device = decoder.lm_head.weight.device
     Q, L, K = len(query_emb), decoder.num_levels, decoder.codebook_size
+    step_bonus = _codebook_bonus(codebook_scores, codebook_weight, Q, L, K, device)
     cache = decoder.start_cache(query_emb.to(device))
 
     tokens = torch.zeros((Q, 1), dtype=torch.long, device=device)
@@ -133,6 +156,8 @@ def beam_search(
             mask[live] = expansion.mask
         mask_t = torch.from_numpy(mask).to(device).view(Q, width, n)
         candidates = _log_probs(logits, mask_t, normalize).add_(beam_scores[..., None])
+        if step_bonus is not None:
+            candidates.add_(step_bonus[step][:, None, :])
         keep = min(beam_size, width * n)
         top_scores, top_index = candidates.view(Q, -1).topk(keep, dim=-1)
         parent = (top_index // n).cpu().numpy()

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from genius.beam_search import beam_search
 from genius.embedding_cache import EmbeddingCache, content_id
 from genius.index import GeniusIndex, IndexConfig
 from genius.items import Items
@@ -294,7 +293,7 @@ def _search(index: GeniusIndex, query_emb: np.ndarray, beam: int, k: int,
     with torch.no_grad():
         for start in range(0, len(query_emb), batch):
             chunk = query_emb[start : start + batch]
-            beams = beam_search(index.decoder, index.trie, torch.from_numpy(chunk).to(device), beam)
+            beams = index.beam(torch.from_numpy(chunk).to(device), beam)
             out["GENIUS"].extend(rank(beams, k).as_lists())
             out["GENIUS+R"].extend(rank(beams, k, chunk, vectors).as_lists())
             projected = index.quantizer.project(torch.from_numpy(chunk).to(device)).cpu().numpy()

@@ -52,6 +52,9 @@ class IndexConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     decoder_training: DecoderTrainConfig = field(default_factory=DecoderTrainConfig)
     beam_size: int = 50  # the paper's beam
+    # Weight of the quantizer's own score (projected query . an ID's code vectors, summed)
+    # beside the decoder's log-probabilities in the beam; 0: the decoder alone (the paper).
+    codebook_weight: float = 0.0
     ranges_per_modality: int = 1  # trie partitions per modality (by first semantic code)
     store_vectors: bool = True  # keep item embeddings (fp16) for re-ranking
     query_batch: int = 32  # queries decoded together
@@ -234,6 +237,7 @@ class GeniusIndex:
         rerank: bool = True,
         target_modalities: Collection | Sequence[Collection] | None = None,
         rerank_with: str = "vectors",
+        codebook_weight: float | None = None,
     ) -> SearchResult:
         """Top-k items per query.
 
@@ -241,7 +245,8 @@ class GeniusIndex:
         item vectors (rerank_with="vectors") or vectors rebuilt from the IDs ("codes").
         target_modalities: restrict results to these modalities (all queries, or one set
         each), by the items' stored modality; with the modality code the beam search is
-        restricted to them from its first step.
+        restricted to them from its first step. codebook_weight: the beam's weight of the
+        codes' own score (default: config.codebook_weight).
         """
         if rerank_with not in RERANK_SOURCES:
             raise ValueError(f"rerank_with must be one of {RERANK_SOURCES}, got {rerank_with!r}")
@@ -250,7 +255,7 @@ class GeniusIndex:
         beam_size = beam_size or self.config.beam_size
         query_emb = self._check_queries(self.embed(queries))
         all_items, all_scores = [], []
-        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities):
+        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities, codebook_weight):
             ranking = self._rank(beams, chunk, k, rerank, rerank_with, wanted)
             all_items.append(ranking.items)
             all_scores.append(ranking.scores)
@@ -265,15 +270,16 @@ class GeniusIndex:
 
     @torch.no_grad()
     def candidates(self, query_emb: np.ndarray, beam_size: int | None = None,
-                   target_modalities: Collection | Sequence[Collection] | None = None
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+                   target_modalities: Collection | Sequence[Collection] | None = None,
+                   codebook_weight: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query embedding: the items its beam search found that pass the filters (not
         deleted, of a wanted modality), in beam order, with their beam log-probabilities. The
         first half of `search`, for callers that score the items elsewhere (the serving
         replica scatters them to shard servers)."""
         query_emb = self._check_queries(self.embed(query_emb))
         out = []
-        for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities):
+        for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities,
+                                                  codebook_weight):
             keep = self.item_filter(wanted)
             out.extend(candidates(beams, q, keep) for q in range(len(beams.items)))
         return out
@@ -283,7 +289,8 @@ class GeniusIndex:
             raise ValueError(f"query embeddings have shape {query_emb.shape}, index expects dim {self.decoder.embed_dim}")
         return query_emb
 
-    def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities):
+    def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities,
+                     codebook_weight: float | None = None):
         """(query chunk, its beams, its wanted-modality rows or None) per chunk of config.query_batch."""
         per_query = per_query_modalities(target_modalities, len(query_emb))
         wanted = None if per_query is None else _modality_rows(per_query)
@@ -294,7 +301,15 @@ class GeniusIndex:
             first_step = None
             if chunk_wanted is not None and self.quantizer.use_modality_code:
                 first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
-            yield chunk, beam_search(self.decoder, self.trie, chunk, beam_size, first_step), chunk_wanted
+            yield chunk, self.beam(chunk, beam_size, first_step, codebook_weight), chunk_wanted
+
+    def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None, codebook_weight: float | None = None):
+        """The trie-constrained beam search of one chunk of query embeddings, scored by the
+        decoder and, with a codebook weight (default: the config's), by the codes."""
+        weight = self.config.codebook_weight if codebook_weight is None else codebook_weight
+        scores = self.quantizer.code_scores(query_emb) if weight else None
+        return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
+                           codebook_scores=scores, codebook_weight=weight)
 
     def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""

@@ -497,6 +497,16 @@ class ModalResidualQuantizer(nn.Module):
         return self.modality_centroids[codes[:, 0]] + total
 
     @torch.no_grad()
+    def code_scores(self, x: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """The projected queries' inner products with every code vector: ((Q, 3) modality
+        centroids, (Q, L, K) semantic codes). An ID's reconstruction is the sum of its code
+        vectors, so a query's inner product with it is the sum of one entry per level: the
+        score a residual quantizer searches by, and additive along a beam's prefix."""
+        self._require_init()
+        z = self.project(x)
+        return z @ self.modality_centroids.T, torch.einsum("qd,lkd->qlk", z, self.codebooks)
+
+    @torch.no_grad()
     def reconstruction_error(
         self,
         x: Tensor | np.ndarray,

@@ -105,3 +105,58 @@ def test_rejects_bad_arguments():
         beam_search(decoder, trie, queries, normalize="full")
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(decoder, trie, queries, beam_size=0)
+
+
+def random_codebook_scores(queries: torch.Tensor, levels: int, size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(queries), 3, generator=g), torch.randn(len(queries), levels, size, generator=g)
+
+
+def codebook_total(scores, q: int, ids: list[tuple]) -> torch.Tensor:
+    """An ID's codebook score: its modality entry plus one entry per level."""
+    modality, levels = scores
+    return torch.tensor([float(modality[q, i[0]]) + sum(float(levels[q, l, c]) for l, c in enumerate(i[1:]))
+                         for i in ids])
+
+
+@pytest.mark.parametrize("weight", [0.5, 3.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_codebook_scored_full_beam_is_the_brute_force_ranking(seed, weight):
+    codes, modality, trie, decoder, queries = make_case(200 + seed, max_items=40)
+    ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
+    result = beam_search(decoder, trie, queries, beam_size=len(ids), codebook_scores=scores, codebook_weight=weight)
+    with torch.no_grad():
+        for q in range(len(queries)):
+            combined = brute_force_scores(decoder, queries[q : q + 1], ids, "allowed") + weight * codebook_total(
+                scores, q, ids)
+            order = torch.argsort(combined, descending=True)
+            assert tuple(result.codes[q, 0].tolist()) == ids[int(order[0])]
+            assert np.allclose(result.scores[q], combined[order].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_codebook_scored_beam_emits_only_valid_ids(seed):
+    codes, modality, trie, decoder, queries = make_case(300 + seed)
+    valid = {(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)}
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
+    result = beam_search(decoder, trie, queries, beam_size=7, codebook_scores=scores, codebook_weight=2.0)
+    live = np.isfinite(result.scores)
+    assert (live.sum(1) == min(7, len(valid))).all()
+    assert {tuple(int(c) for c in row) for row in result.codes[live]} <= valid
+
+
+def test_a_dominant_codebook_weight_ranks_by_the_codes_alone():
+    codes, modality, trie, decoder, queries = make_case(11, max_items=60)
+    ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, 0)
+    result = beam_search(decoder, trie, queries, beam_size=len(ids), codebook_scores=scores, codebook_weight=1e4)
+    for q in range(len(queries)):
+        assert tuple(result.codes[q, 0].tolist()) == ids[int(codebook_total(scores, q, ids).argmax())]
+
+
+def test_codebook_scores_must_match_the_trie():
+    codes, _, trie, decoder, queries = make_case(3)
+    wrong = (torch.zeros(len(queries), 3), torch.zeros(len(queries), codes.shape[1] + 1, trie.codec.codebook_size))
+    with pytest.raises(ValueError, match="codebook scores"):
+        beam_search(decoder, trie, queries, codebook_scores=wrong, codebook_weight=1.0)

@@ -62,6 +62,25 @@ def test_results_are_indexed_items_of_the_requested_modality(data, index):
     assert (empty.items == -1).all()
 
 
+def test_codebook_weighted_beam_finds_the_best_code_and_keeps_recall(data, index):
+    import torch
+
+    queries = data.test_queries[:20]
+    codes = index.item_codes(np.arange(len(index)))
+    ids = np.unique(codes, axis=0)
+    # A dominant weight with a beam over every ID ranks by the codes' own score: its top ID
+    # is the one whose reconstruction has the largest inner product with the projected query.
+    dominant = index.search(queries, k=1, beam_size=len(ids), rerank=False, codebook_weight=1e4)
+    with torch.no_grad():
+        best = (index.quantizer.project(queries) @ index.quantizer.decode(torch.from_numpy(ids)).T).argmax(1).numpy()
+    for q in range(len(queries)):
+        assert tuple(codes[dominant.items[q, 0]]) == tuple(ids[best[q]])
+    # Mixed scores keep recall above chance and return indexed items only.
+    mixed = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=False, codebook_weight=30.0)
+    assert ((mixed.items >= 0) & (mixed.items < len(index))).all()
+    assert recall_at_k(mixed.as_lists(), relevant(data), 10) > 0.5
+
+
 def test_fit_save_load_search_is_identical(data, index, tmp_path):
     index.save(tmp_path)
     loaded = GeniusIndex.load(tmp_path)

@@ -231,6 +231,23 @@ def test_encode_is_deterministic_and_decode_matches_forward(corpus: Corpus, trai
         assert torch.equal(v, before[k]), k
 
 
+def test_code_scores_sum_to_the_inner_product_with_the_reconstruction(corpus: Corpus, trained) -> None:
+    q, _ = trained
+    queries, items, m = corpus.queries[:50], corpus.items[:50], corpus.modality[:50]
+    codes = q.encode(items, m)
+    modality_scores, level_scores = q.code_scores(queries)
+    assert modality_scores.shape == (50, 3) and level_scores.shape == (50, CONFIG.num_levels, CONFIG.codebook_size)
+    rows = torch.arange(50)
+    summed = modality_scores[rows, codes[:, 0]] + sum(level_scores[rows, l, codes[:, 1 + l]] for l in range(CONFIG.num_levels))
+    with torch.no_grad():
+        direct = (q.project(queries) * q.decode(codes)).sum(-1)
+    assert torch.allclose(summed, direct, atol=1e-5)
+    # A trained quantizer's scores rank a query's own target above the other items' IDs.
+    all_scores = modality_scores[:, codes[:, 0]] + sum(level_scores[:, l, codes[:, 1 + l]] for l in range(CONFIG.num_levels))
+    own_rank = (all_scores > all_scores.diagonal()[:, None]).sum(1).float()
+    assert own_rank.mean() < 0.25 * 50, "the codes' own score puts the target in the top quarter on average"
+
+
 def test_state_dict_round_trip_reproduces_codes(corpus: Corpus, trained) -> None:
     q, _ = trained
     buf = io.BytesIO()
