@@ -177,10 +177,12 @@ def genius_config(num_items: int, args: argparse.Namespace):
 
 
 def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argparse.Namespace,
-                keep_index: bool = False) -> tuple[dict[str, dict[str, Any]], Any]:
+                keep_index: bool = False, trained: dict[str, Any] | None = None
+                ) -> tuple[dict[str, dict[str, Any]], Any]:
     """Every method of --methods on one task: {method: row}, and the GeniusIndex if kept.
 
-    Every method builds with --build-threads and searches with --threads."""
+    Every method builds with --build-threads and searches with --threads; `trained` shares
+    faiss training between pool sizes (peers_methods.build_faiss)."""
     rows: dict[str, dict[str, Any]] = {}
     pool_fp16 = task.pool.astype(np.float16)
     index = None
@@ -199,7 +201,7 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
                     rows[variant.name] = measure(variant, task, args)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
-        built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe)
+        built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe, trained=trained)
         set_threads(args.threads)
         rows[name] = measure(built, task, args)
         if name != "flat":
@@ -297,12 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         for task in load_tasks(kind, args):
             log.info("task %s: %s", task.name, {k: v for k, v in task.summary().items() if k != "relevance_rule"})
             train_vectors = faiss_training_sample(task.pool, args.faiss_train, args.seed)
-            rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet")
+            trained: dict[str, Any] = {}
+            rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained)
             results["tasks"][task.name] = {"summary": task.summary(), "methods": rows}
             if kind == "wordnet":
                 for size in sorted(args.curve):
                     sub = task.subset(size, args.seed)
-                    sub_rows, _ = run_methods(sub, train_vectors, args)
+                    sub_rows, _ = run_methods(sub, train_vectors, args, trained=trained)
                     results["curve"] += [{"n": len(sub.pool), "method": m, **{f"r{k}": r[f"r{k}"] for k in KS}}
                                          for m, r in sub_rows.items()]
                     save()

@@ -54,6 +54,9 @@ def _timed(fn):
 # ----------------------------------------------------------------------------- faiss
 
 
+RQ_BITS = 12  # bits per RQ level: 8 x 12 bits = 12 bytes (tests lower it: 4096-code k-means are slow)
+
+
 def faiss_index(name: str, dim: int, num_items: int, nprobe: int):
     """An untrained faiss index for one of FAISS_METHODS (inner-product metric)."""
     import faiss
@@ -64,14 +67,14 @@ def faiss_index(name: str, dim: int, num_items: int, nprobe: int):
     if name == "pq12":
         return faiss.IndexPQ(dim, 12, 8, ip)
     if name == "opq12":
-        return faiss.index_factory(dim, "OPQ12,PQ12", ip)
+        return faiss.index_factory(dim, "OPQ12,PQ12np", ip)  # np: no polysemous training (unused here, slow)
     if name == "ivfpq":
         nlist = ivf_lists(num_items)
-        index = faiss.index_factory(dim, f"IVF{nlist},PQ12", ip)
+        index = faiss.index_factory(dim, f"IVF{nlist},PQ12np", ip)
         index.nprobe = min(nprobe, nlist)
         return index
     if name == "rq8x12":
-        index = faiss.IndexResidualQuantizer(dim, 8, 12, ip, faiss.AdditiveQuantizer.ST_LUT_nonorm)
+        index = faiss.IndexResidualQuantizer(dim, 8, RQ_BITS, ip, faiss.AdditiveQuantizer.ST_LUT_nonorm)
         index.rq.max_beam_size = 5  # faiss's default encoding beam
         index.rq.cp.niter = 10  # k-means iterations per level (faiss: 25): the 4096-code levels dominate the build
         return index
@@ -83,12 +86,26 @@ def ivf_lists(num_items: int) -> int:
     return max(16, 2 ** round(math.log2(4 * math.sqrt(num_items))))
 
 
-def build_faiss(name: str, pool: np.ndarray, train_vectors: np.ndarray, nprobe: int = 32) -> Built:
+def build_faiss(name: str, pool: np.ndarray, train_vectors: np.ndarray, nprobe: int = 32,
+                trained: dict[str, Any] | None = None) -> Built:
+    """A faiss method holding `pool`. With `trained` (name -> a trained index, filled here),
+    a method whose training does not depend on the pool size (PQ, OPQ, RQ: not IVF, whose
+    list count follows N) reuses that training: the recall curve's smaller pools are then
+    coded by the full pool's codebooks, and only IVF-PQ retrains."""
+    import faiss
+
     dim = pool.shape[1]
-    index = faiss_index(name, dim, len(pool), nprobe)
+    reuse = trained is not None and name in trained and name != "ivfpq"
     t0 = time.perf_counter()
-    if not index.is_trained:
-        index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+    if reuse:
+        index = faiss.clone_index(trained[name])
+        index.reset()
+    else:
+        index = faiss_index(name, dim, len(pool), nprobe)
+        if not index.is_trained:
+            index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+        if trained is not None:
+            trained[name] = faiss.clone_index(index)
     index.add(np.ascontiguousarray(pool, dtype=np.float32))
     build_s = time.perf_counter() - t0
     code = {"flat": 4 * dim, "pq12": 12, "opq12": 12, "ivfpq": 12 + 8, "rq8x12": 12}[name]
@@ -96,7 +113,7 @@ def build_faiss(name: str, pool: np.ndarray, train_vectors: np.ndarray, nprobe: 
     def search(queries: np.ndarray, k: int) -> np.ndarray:
         return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
 
-    info = {"trained_on": len(train_vectors)}
+    info = {"trained_on": len(train_vectors), "training_reused": reuse}
     if name == "ivfpq":
         info.update(nlist=int(index.nlist), nprobe=int(index.nprobe))
     return Built(name, search, build_s, float(code), info)
@@ -171,7 +188,7 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
             "model_bytes": int(model_bytes), "beam": beam, "codebook_weight": weight,
             "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0)))}
     plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)
-    reranked = Built("genius_r" + suffix, search_rerank, build_s, trie_bytes + 2 * vectors.shape[1], info,
+    reranked = Built("genius_r" + suffix, search_rerank, build_s, trie_bytes + 2 * index.decoder.embed_dim, info,
                      pool_share_rescored=lambda: float(np.mean(rescored)) / pool_size if rescored else None)
     return plain, reranked
 

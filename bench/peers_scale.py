@@ -84,7 +84,7 @@ def latency_curve(task: Any, index: Any, sizes: list[int], args: Any, out: list[
     k_codes = index.quantizer.codebook_size
     # IVF-PQ is trained once on the real vectors; every size adds to a fresh copy of it.
     nlist = max(16, 2 ** round(np.log2(4 * np.sqrt(max(sizes)))))
-    ivf_trained = faiss.index_factory(real_vectors.shape[1], f"IVF{nlist},PQ12", faiss.METRIC_INNER_PRODUCT)
+    ivf_trained = faiss.index_factory(real_vectors.shape[1], f"IVF{nlist},PQ12np", faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
     ivf_trained.train(real_vectors[np.random.default_rng(args.seed).permutation(len(real_vectors))[:args.faiss_train]])
     real_lists = ivf_trained.quantizer.search(real_vectors, 1)[1][:, 0]

@@ -93,7 +93,9 @@ def test_subset_keeps_every_relevant_row_and_remaps(task):
         task.subset(50)
 
 
-def test_every_faiss_peer_beats_chance_and_reranking_recovers_exact(task):
+def test_every_faiss_peer_beats_chance_and_reranking_recovers_exact(task, monkeypatch):
+    # RQ8x12's eight 4096-code k-means take minutes on 2 cores; 8 x 6 bits exercise the same path.
+    monkeypatch.setattr(peers_methods, "RQ_BITS", 6)
     chance = task.chance_recall(10)
     flat = peers_methods.build_faiss("flat", task.pool, task.pool)
     exact = _recall(flat.search(task.test_queries, 10), task)
@@ -108,6 +110,18 @@ def test_every_faiss_peer_beats_chance_and_reranking_recovers_exact(task):
         assert r_rr >= r - 0.02, (name, r, r_rr)
         assert rr.bytes_per_item == built.bytes_per_item + 2 * task.pool.shape[1]
     assert peers_methods.build_faiss("ivfpq", task.pool, task.pool).info["nlist"] == peers_methods.ivf_lists(3000)
+
+
+def test_faiss_training_is_shared_across_pool_sizes_except_ivf(task):
+    trained: dict = {}
+    first = peers_methods.build_faiss("pq12", task.pool, task.pool, trained=trained)
+    again = peers_methods.build_faiss("pq12", task.pool[:1000], task.pool, trained=trained)
+    assert not first.info["training_reused"] and again.info["training_reused"]
+    np.testing.assert_array_equal(again.search(task.pool[:5], 1)[:, 0], first.search(task.pool[:5], 1)[:, 0])
+    assert again.search(task.pool[:50], 10).max() < 1000, "the reused index holds only the smaller pool"
+    small = task.pool[:800]  # IVF's list count follows the pool size: it always retrains
+    peers_methods.build_faiss("ivfpq", small, small, trained=trained)
+    assert not peers_methods.build_faiss("ivfpq", small[:400], small, trained=trained).info["training_reused"]
 
 
 def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task):
@@ -127,6 +141,11 @@ def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task):
     most = max(len(np.flatnonzero((index.item_codes(np.arange(len(index))) == c).all(axis=1)))
                for c in index.item_codes(np.arange(len(index))))
     assert reranked.pool_share_rescored() * len(task.pool) <= 10 * most
+    # the codebook-scored ablation searches the same model and names its rows
+    cb_plain, cb_reranked = peers_methods.genius_methods(index, 10, plain.build_s, 30.0, "_cb30")
+    assert (cb_plain.name, cb_reranked.name) == ("genius_cb30", "genius_r_cb30")
+    assert cb_plain.info["codebook_weight"] == 30.0 and plain.info["codebook_weight"] == 0.0
+    assert _recall(cb_plain.search(task.test_queries, 10), task) > 10 * chance
 
 
 def test_distractors_share_a_real_prefix_and_stay_near_their_item():
