@@ -1,5 +1,8 @@
 """bench/peers.py's outputs: peers.json, peers.md and the plots (recall against QPS per task,
-recall@10 against pool size, latency against corpus size)."""
+recall@10 against pool size, latency against corpus size).
+
+    python bench/peers_report.py bench/results/peers.json   # re-render .md and plots from the JSON
+"""
 from __future__ import annotations
 
 import json
@@ -19,13 +22,19 @@ def write(results: dict[str, Any], out: Path, name: str) -> None:
 
 
 def _ordered(methods: dict[str, Any]) -> list[str]:
-    return sorted(methods, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    """The table order; GENIUS's ablation rows (genius_cbW, genius_r_cbW) right after GENIUS+R."""
+    def key(m: str) -> tuple[float, str]:
+        if m in METHOD_ORDER:
+            return METHOD_ORDER.index(m), ""
+        return (METHOD_ORDER.index("genius_r") + 0.5 if m.startswith("genius") else len(METHOD_ORDER)), m
+    return sorted(methods, key=key)
 
 
 def markdown(results: dict[str, Any], name: str) -> str:
     m = results["meta"]
     lines = [f"# GENIUS against vector search at full corpus size (`{m['command']}`)", "",
-             f"{m['created']}, {m['machine']}, {m['threads']} thread(s) for every method (torch {m['torch']}, "
+             f"{m['created']}, {m['machine']}; every method searches with {m['threads']} thread(s) and builds with "
+             f"{m.get('build_threads', m['threads'])} (torch {m['torch']}, "
              f"faiss {m['faiss']}); GENIUS beam {m['beam']}; batch {m['batch']} queries per call for every method, "
              f"single = one query per call ({m['single_queries']} queries); IVF-PQ nprobe {m['nprobe']}; "
              f"`_rr{m['rerank_depth']}` = top {m['rerank_depth']} re-scored exactly with the stored fp16 vectors. "
@@ -145,3 +154,10 @@ def _default(o: Any) -> Any:
     if isinstance(o, (np.ndarray, tuple, set)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+if __name__ == "__main__":  # re-render peers.md and the plots from a peers.json
+    import sys
+
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/peers.json")
+    write(json.loads(source.read_text(encoding="utf-8")), source.parent, source.stem)

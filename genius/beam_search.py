@@ -111,6 +111,7 @@ def beam_search(
     normalize: str = "allowed",
     codebook_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
     codebook_weight: float = 0.0,
+    trace: list[np.ndarray] | None = None,
 ) -> BeamResult:
     """Decode the `beam_size` most probable valid IDs for each query embedding (Q, D).
 
@@ -118,7 +119,9 @@ def beam_search(
     queries, or one per query). normalize: "allowed" renormalises each step over the codes
     the trie allows; "level" over all tokens of the level (then masks). codebook_scores:
     ((Q, 3), (Q, L, K)) inner products of the projected queries with the modality centroids
-    and code vectors, added to the log-probabilities times `codebook_weight`.
+    and code vectors, added to the log-probabilities times `codebook_weight`. trace: a list
+    that receives each step's (Q, width, step + 1) prefixes (-1 where a slot is empty), for
+    diagnosing where a target's prefix leaves the beam.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -181,6 +184,8 @@ def beam_search(
         )
         alive = new_alive
         beam_scores = top_scores
+        if trace is not None:
+            trace.append(np.where(new_alive.reshape(Q, keep)[..., None], history, -1))
         if step < L:
             cache.reorder(torch.from_numpy(parent).to(device))
             offset = level_token_offset(step, K)

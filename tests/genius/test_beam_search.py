@@ -160,3 +160,18 @@ def test_codebook_scores_must_match_the_trie():
     wrong = (torch.zeros(len(queries), 3), torch.zeros(len(queries), codes.shape[1] + 1, trie.codec.codebook_size))
     with pytest.raises(ValueError, match="codebook scores"):
         beam_search(decoder, trie, queries, codebook_scores=wrong, codebook_weight=1.0)
+
+
+def test_trace_holds_every_steps_prefixes_ending_in_the_result():
+    codes, modality, trie, decoder, queries = make_case(5, max_items=60)
+    trace: list[np.ndarray] = []
+    result = beam_search(decoder, trie, queries, beam_size=6, trace=trace)
+    assert len(trace) == codes.shape[1] + 1
+    for step, prefixes in enumerate(trace):
+        assert prefixes.shape[0] == len(queries) and prefixes.shape[2] == step + 1
+    np.testing.assert_array_equal(trace[-1], result.codes[:, : trace[-1].shape[1]])
+    # every live prefix of a step extends a live prefix of the step before
+    for before, after in zip(trace, trace[1:]):
+        for q in range(len(queries)):
+            earlier = {tuple(p) for p in before[q].tolist()}
+            assert all(tuple(p[:-1]) in earlier for p in after[q].tolist() if p[0] >= 0)

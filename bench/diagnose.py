@@ -1,0 +1,232 @@
+"""Where does GENIUS lose the target? A diagnosis on WordNet (definition -> synset).
+
+    python bench/diagnose.py                          # a 10k-synset pool, ~15 min on 2 cores
+    python bench/diagnose.py --pool 0 --grid-epochs   # the full pool, one fit
+
+On the held-out definitions of `bench/peers.py`'s WordNet task (same split, same cached
+embeddings), for one fitted index:
+
+* beam survival: after each level, the share of queries with a relevant item's ID prefix
+  still in the beam (is the target lost at level 1 or at level 5?), for the decoder's beam
+  and for the beam scored by the codes alone (a dominant codebook weight);
+* code agreement: the share whose own quantizer code (the query projected and quantized
+  like an item) shares the target's first l codes;
+* the codes' ceiling: recall of ranking every indexed ID by the codes' own score
+  (projected query . reconstruction, exhaustive): what a perfect decoder of these codes gets;
+* memorisation against generalisation: GENIUS recall on training definitions (their targets
+  seen in training) against held-out ones;
+* optionally (`--grid-epochs`, `--grid-pairs`), recall@10 after refitting with fewer decoder
+  epochs or a share of the training pairs.
+
+Results: bench/results/diagnose.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402
+import peers_data  # noqa: E402
+import peers_methods  # noqa: E402
+
+log = logging.getLogger("bench.diagnose")
+DOMINANT = 1e4  # a codebook weight beside which the decoder's log-probabilities do not matter
+
+
+def relevant_codes(index: Any, relevance: list[np.ndarray]) -> list[np.ndarray]:
+    """Per query, the (r, 1+L) IDs of its relevant items."""
+    return [index.item_codes(np.asarray(rel, dtype=np.int64)) for rel in relevance]
+
+
+def beam_survival(index: Any, queries: np.ndarray, targets: list[np.ndarray], beam: int,
+                  codebook_weight: float) -> list[float]:
+    """Per step (modality, then each level): share of queries with a target prefix in the beam."""
+    import torch
+
+    from genius.beam_search import beam_search
+
+    alive_by_step: list[list[bool]] = []
+    for a in range(0, len(queries), index.config.query_batch):
+        trace: list[np.ndarray] = []
+        chunk = torch.from_numpy(np.ascontiguousarray(queries[a : a + index.config.query_batch]))
+        scores = index.quantizer.code_scores(chunk) if codebook_weight else None
+        beam_search(index.decoder, index.trie, chunk, beam, codebook_scores=scores, codebook_weight=codebook_weight,
+                    trace=trace)
+        for step, prefixes in enumerate(trace):
+            if len(alive_by_step) <= step:
+                alive_by_step.append([])
+            for q in range(len(chunk)):
+                wanted = {tuple(t[: step + 1]) for t in targets[a + q].tolist()}
+                alive_by_step[step].append(any(tuple(p) in wanted for p in prefixes[q].tolist()))
+    return [round(float(np.mean(s)), 4) for s in alive_by_step]
+
+
+def code_agreement(index: Any, queries: np.ndarray, query_modality: int, targets: list[np.ndarray]) -> list[float]:
+    """Per number of semantic levels l = 1..L: share of queries whose own code shares some
+    target's first l semantic codes."""
+    codes = index.quantizer.encode(queries, np.full(len(queries), query_modality)).cpu().numpy()
+    levels = codes.shape[1] - 1
+    out = []
+    for depth in range(1, levels + 1):
+        hits = [bool((t[:, 1 : 1 + depth] == c[1 : 1 + depth]).all(axis=1).any()) for c, t in zip(codes, targets)]
+        out.append(round(float(np.mean(hits)), 4))
+    return out
+
+
+def code_ceiling(index: Any, queries: np.ndarray, relevance: list[np.ndarray], ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall of an exhaustive ranking of every indexed item by the codes' own score."""
+    import torch
+
+    codes = index.item_codes(np.arange(len(index)))
+    hits = {k: [] for k in ks}
+    for a in range(0, len(queries), 64):
+        modality, levels = (t.numpy() for t in index.quantizer.code_scores(torch.from_numpy(queries[a : a + 64])))
+        score = modality[:, codes[:, 0]]
+        for level in range(levels.shape[1]):
+            score = score + levels[:, level, codes[:, 1 + level]]
+        top = np.argsort(-score, axis=1)[:, : max(ks)]
+        for q, row in enumerate(top):
+            for k in ks:
+                hits[k].append(bool(np.isin(row[:k], relevance[a + q]).any()))
+    return {f"r{k}": round(float(np.mean(v)), 4) for k, v in hits.items()}
+
+
+def genius_recall(index: Any, queries: np.ndarray, relevance: list[np.ndarray], beam: int,
+                  codebook_weight: float = 0.0) -> dict[str, float]:
+    plain, _ = peers_methods.genius_methods(index, beam, 0.0, codebook_weight)
+    ranked = plain.search(queries, 10)
+    return {f"r{k}": round(peers.recall(ranked, relevance, k), 4) for k in peers.KS}
+
+
+def fit(task: peers_data.PoolTask, args: argparse.Namespace, epochs: int | None = None,
+        pairs: float = 1.0) -> tuple[Any, float]:
+    cfg = peers.genius_config(len(task.pool), args)
+    if epochs is not None:
+        cfg.decoder_training = replace(cfg.decoder_training, epochs=epochs)
+    rows = np.arange(len(task.train_targets))
+    if pairs < 1.0:
+        rows = np.sort(np.random.default_rng(args.seed).choice(rows, int(pairs * len(rows)), replace=False))
+    _, _, index = peers_methods.build_genius(task.pool, task.pool_modality, task.train_queries[rows],
+                                             task.train_targets[rows], int(task.query_modality), cfg, args.beam,
+                                             progress=args.progress)
+    return index, len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pool", type=int, default=10000, help="pool size, a subset of all synsets (0: all; default 10000)")
+    p.add_argument("--train-sample", type=int, default=500, help="training queries scored for memorisation (default 500)")
+    p.add_argument("--grid-epochs", type=int, nargs="*", default=[],
+                   help="also refit with these decoder epochs and report recall@10 (e.g. 2 12)")
+    p.add_argument("--grid-pairs", type=float, nargs="*", default=[],
+                   help="also refit with these shares of the training pairs (e.g. 0.25 0.5)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of diagnose.{json,md}")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    # The task and the fit: bench/peers.py's options, with its defaults.
+    defaults = peers.parse_args(["--tasks", "wordnet"])
+    for name, kind in (("test_queries", int), ("beam", int), ("seed", int), ("cache", Path), ("decoder", str),
+                       ("quantizer_epochs", int), ("quantizer_batch", int), ("decoder_epochs", int),
+                       ("decoder_batch", int), ("decoder_lr", float), ("max_records", int),
+                       ("codebook_weight", float)):
+        value = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
+                       help=f"as in bench/peers.py (default {value})")
+    p.add_argument("--progress", action="store_true", help="progress bars while GENIUS trains")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    task = peers.load_tasks("wordnet", args)[0]
+    if args.pool:
+        task = task.subset(args.pool, args.seed)
+    index, num_pairs = fit(task, args)
+    targets = relevant_codes(index, task.relevance)
+    rng = np.random.default_rng(args.seed)
+    train_rows = np.sort(rng.choice(len(task.train_targets), min(args.train_sample, len(task.train_targets)),
+                                    replace=False))
+    train_q = task.train_queries[train_rows]
+    train_rel = [np.array([t]) for t in task.train_targets[train_rows]]
+    result: dict[str, Any] = {
+        "command": " ".join(["python bench/diagnose.py", *sys.argv[1:]]), "task": task.summary(),
+        "levels": int(index.quantizer.num_levels), "codebook_size": int(index.quantizer.codebook_size),
+        "beam": args.beam, "train_pairs": num_pairs,
+        "beam_survival": {
+            "decoder": beam_survival(index, task.test_queries, targets, args.beam, 0.0),
+            "codes_only": beam_survival(index, task.test_queries, targets, args.beam, DOMINANT),
+            "decoder_train_queries": beam_survival(index, train_q, relevant_codes(index, train_rel), args.beam, 0.0),
+        },
+        "code_agreement_test": code_agreement(index, task.test_queries, int(task.query_modality), targets),
+        "code_agreement_train": code_agreement(index, train_q, int(task.query_modality),
+                                               relevant_codes(index, train_rel)),
+        "codes_exhaustive": code_ceiling(index, task.test_queries, task.relevance),
+        "genius_test": genius_recall(index, task.test_queries, task.relevance, args.beam),
+        "genius_train": genius_recall(index, train_q, train_rel, args.beam),
+        "genius_codes_only_test": genius_recall(index, task.test_queries, task.relevance, args.beam, DOMINANT),
+        "grid": [],
+    }
+    log.info("%s", {k: v for k, v in result.items() if k not in ("task", "command")})
+    for epochs in args.grid_epochs:
+        refit, n = fit(task, args, epochs=epochs)
+        result["grid"].append({"decoder_epochs": epochs, "pairs": n,
+                               **genius_recall(refit, task.test_queries, task.relevance, args.beam)})
+        log.info("grid: %s", result["grid"][-1])
+    for share in args.grid_pairs:
+        refit, n = fit(task, args, pairs=share)
+        result["grid"].append({"decoder_epochs": args.decoder_epochs, "pairs": n,
+                               **genius_recall(refit, task.test_queries, task.relevance, args.beam)})
+        log.info("grid: %s", result["grid"][-1])
+    if result["grid"]:
+        result["grid"].append({"decoder_epochs": args.decoder_epochs, "pairs": num_pairs, **result["genius_test"]})
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "diagnose.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out / "diagnose.md").write_text(markdown(result), encoding="utf-8")
+    log.info("wrote %s (%.0f s)", args.out / "diagnose.json", result["total_s"])
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["task"]
+    levels = r["levels"]
+    steps = ["modality"] + [f"level {i}" for i in range(1, levels + 1)]
+    lines = [f"# Where GENIUS loses the target (`{r['command']}`)", "",
+             f"WordNet definition -> synset, pool {s['pool']:,}, {s['test_queries']} held-out queries, "
+             f"{r['train_pairs']:,} training pairs; {levels} levels x {r['codebook_size']} codes; beam {r['beam']}.", "",
+             "## A relevant ID's prefix still in the beam after each step", "",
+             "| beam | " + " | ".join(steps) + " |", "|---|" + "---:|" * len(steps)]
+    names = {"decoder": "decoder, held-out queries", "codes_only": "codes alone, held-out queries",
+             "decoder_train_queries": "decoder, training queries"}
+    for key, label in names.items():
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in r["beam_survival"][key]) + " |")
+    lines += ["", "## The query's own code shares the target's first l codes", "",
+              "| queries | " + " | ".join(f"l={i}" for i in range(1, levels + 1)) + " |", "|---|" + "---:|" * levels,
+              "| held-out | " + " | ".join(f"{v:.3f}" for v in r["code_agreement_test"]) + " |",
+              "| training | " + " | ".join(f"{v:.3f}" for v in r["code_agreement_train"]) + " |", "",
+              "## Recall", "", "| ranking | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|"]
+    for key, label in (("genius_test", "GENIUS, held-out queries"), ("genius_train", "GENIUS, training queries"),
+                       ("genius_codes_only_test", "beam scored by the codes alone, held-out"),
+                       ("codes_exhaustive", "every ID ranked by the codes' score (exhaustive), held-out")):
+        v = r[key]
+        lines.append(f"| {label} | {v['r1']:.3f} | {v['r5']:.3f} | {v['r10']:.3f} |")
+    if r["grid"]:
+        lines += ["", "## Recall against decoder epochs and training pairs (held-out)", "",
+                  "| decoder epochs | pairs | R@1 | R@5 | R@10 |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {g['decoder_epochs']} | {g['pairs']:,} | {g['r1']:.3f} | {g['r5']:.3f} | {g['r10']:.3f} |"
+                  for g in r["grid"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""bench/diagnose.py's measures on a small fitted index: the codes' exhaustive ceiling is the
+brute-force ranking, beam survival only falls and bounds the beam's recall, code agreement
+only falls with depth."""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import diagnose  # noqa: E402
+
+from genius.index import GeniusIndex, IndexConfig  # noqa: E402
+from genius.modality import Modality  # noqa: E402
+from genius.synthetic import make_synthetic  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    data = make_synthetic(seed=1)
+    cfg = IndexConfig.for_corpus(len(data.corpus))
+    cfg.quantizer = replace(cfg.quantizer, epochs=6)
+    cfg.decoder_training = replace(cfg.decoder_training, epochs=6)
+    index = GeniusIndex.fit(data.corpus, data.train_queries, data.train_targets, cfg, progress=False)
+    relevance = [np.array([t]) for t in data.test_targets]
+    return index, data.test_queries[:60], relevance[:60]
+
+
+def test_codes_ceiling_is_the_brute_force_ranking_by_reconstruction(fitted):
+    index, queries, relevance = fitted
+    got = diagnose.code_ceiling(index, queries, relevance)
+    codes = torch.from_numpy(index.item_codes(np.arange(len(index))))
+    with torch.no_grad():
+        scores = (index.quantizer.project(queries) @ index.quantizer.decode(codes).T).numpy()
+    top = np.argsort(-scores, axis=1)
+    for k in (1, 5, 10):
+        want = np.mean([np.isin(row[:k], rel).any() for row, rel in zip(top, relevance)])
+        assert got[f"r{k}"] == pytest.approx(want, abs=1 / len(queries) + 1e-9), k
+    assert got["r10"] > 10 * 10 / len(index), "the codes beat a random ranking"
+
+
+def test_beam_survival_falls_and_bounds_the_beams_recall(fitted):
+    index, queries, relevance = fitted
+    targets = diagnose.relevant_codes(index, relevance)
+    for weight in (0.0, diagnose.DOMINANT):
+        survival = diagnose.beam_survival(index, queries, targets, 10, weight)
+        assert len(survival) == index.quantizer.num_levels + 1
+        assert all(b <= a for a, b in zip(survival, survival[1:]))
+        recall = diagnose.genius_recall(index, queries, relevance, 10, weight)
+        assert recall["r10"] <= survival[-1] + 1e-9
+    agreement = diagnose.code_agreement(index, queries, int(Modality.TEXT), targets)
+    assert len(agreement) == index.quantizer.num_levels
+    assert all(b <= a for a, b in zip(agreement, agreement[1:]))
