@@ -177,8 +177,8 @@ def genius_config(num_items: int, args: argparse.Namespace):
 
 
 def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argparse.Namespace,
-                keep_index: bool = False, trained: dict[str, Any] | None = None
-                ) -> tuple[dict[str, dict[str, Any]], Any]:
+                keep_index: bool = False, trained: dict[str, Any] | None = None,
+                genius_saved: Path | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
     """Every method of --methods on one task: {method: row}, and the GeniusIndex if kept.
 
     Every method builds with --build-threads and searches with --threads; `trained` shares
@@ -192,7 +192,7 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
             cfg = genius_config(len(task.pool), args)
             plain, reranked, index = peers_methods.build_genius(
                 task.pool, task.pool_modality, task.train_queries, task.train_targets, int(task.query_modality), cfg,
-                args.beam, progress=args.progress)
+                args.beam, progress=args.progress, saved=genius_saved)
             set_threads(args.threads)
             rows["genius"] = measure(plain, task, args)
             rows["genius_r"] = measure(reranked, task, args)
@@ -260,6 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codebook-weights", type=float, nargs="*", default=[],
                    help="ablation: also search the same GENIUS model with these codebook weights "
                         "(rows genius_cbW, genius_r_cbW)")
+    p.add_argument("--genius-index", type=Path,
+                   help="folder of saved full-pool GENIUS fits (one per task): a fit of the same pool and "
+                        "config found there is loaded instead of refitted, otherwise saved there")
     p.add_argument("--rq-train", type=int, default=32768,
                    help="RQ8x12's training sample (default 32768: its 4096-code k-means dominate the build)")
     p.add_argument("--encoder", help="a saved MultimodalEncoder for the image tasks (default: stage 1 trained on "
@@ -300,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("task %s: %s", task.name, {k: v for k, v in task.summary().items() if k != "relevance_rule"})
             train_vectors = faiss_training_sample(task.pool, args.faiss_train, args.seed)
             trained: dict[str, Any] = {}
-            rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained)
+            rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained,
+                                      genius_saved=args.genius_index / task.name if args.genius_index else None)
             results["tasks"][task.name] = {"summary": task.summary(), "methods": rows}
             if kind == "wordnet":
                 for size in sorted(args.curve):

@@ -19,10 +19,12 @@ a small pool the 4096-code levels of RQ8x12 would have fewer points than codes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,14 +142,34 @@ def with_rerank(base: Built, pool_fp16: np.ndarray, depth: int = RERANK_DEPTH) -
 
 
 def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarray, train_targets: np.ndarray,
-                 query_modality: int, config: Any, beam: int, progress: bool = False) -> tuple[Built, Built, Any]:
-    """(genius, genius_r, the fitted GeniusIndex): the beam scored as config.codebook_weight says."""
+                 query_modality: int, config: Any, beam: int, progress: bool = False,
+                 saved: Path | None = None) -> tuple[Built, Built, Any]:
+    """(genius, genius_r, the fitted GeniusIndex): the beam scored as config.codebook_weight says.
+
+    saved: an index folder; a fit of the same pool and config found there is loaded
+    (memory-mapped) with its recorded build time instead of refitting, otherwise the fit is
+    saved there (a full-pool WordNet fit takes over half an hour on 2 cores)."""
     from genius.index import GeniusIndex
     from genius.items import Items
 
+    stamp = {"pool": len(pool), "train_pairs": len(train_targets), "config": _config_summary(config)}
+    record = saved / "peers-fit.json" if saved is not None else None
+    if record is not None and record.exists():
+        previous = json.loads(record.read_text(encoding="utf-8"))
+        if {k: previous.get(k) for k in stamp} == json.loads(json.dumps(stamp)):
+            index = GeniusIndex.load(saved)
+            index.config.codebook_weight = config.codebook_weight
+            index.config.beam_size = config.beam_size
+            log.info("GENIUS: loaded the fit saved in %s (fitted in %.0f s)", saved, previous["build_s"])
+            plain, reranked = genius_methods(index, beam, previous["build_s"])
+            return plain, reranked, index
+        log.warning("GENIUS: %s holds a fit of another pool or config: refitting", saved)
     corpus = Items.from_embeddings(pool, modality, keys=[str(i) for i in range(len(pool))])
     queries = Items.from_embeddings(train_queries, np.full(len(train_queries), query_modality, dtype=np.int64))
     index, build_s = _timed(lambda: GeniusIndex.fit(corpus, queries, train_targets, config, progress=progress))
+    if saved is not None:
+        index.save(saved)
+        record.write_text(json.dumps({**stamp, "build_s": build_s}, indent=2) + "\n", encoding="utf-8")
     plain, reranked = genius_methods(index, beam, build_s)
     return plain, reranked, index
 

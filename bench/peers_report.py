@@ -18,15 +18,35 @@ def write(results: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / f"{name}.json", json.dumps(results, indent=2, default=_default) + "\n")
     _atomic(out / f"{name}.md", markdown(results, name))
+    if name == "peers":
+        _atomic(out / "accuracy.json", json.dumps(accuracy(results), indent=2, default=_default) + "\n")
     plots(results, out, name)
+
+
+def accuracy(results: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy issue's record: per task, GENIUS's variants and the faiss rows for reference,
+    each {r1, r5, r10, pool_share_rescored}."""
+    keep = ("r1", "r5", "r10", "pool_share_rescored")
+    out: dict[str, Any] = {"command": results["meta"]["command"], "created": results["meta"]["created"], "tasks": {}}
+    for task, t in results["tasks"].items():
+        rows = t["methods"]
+        out["tasks"][task] = {
+            "pool": t["summary"]["pool"],
+            "variants": {m: {k: rows[m].get(k) for k in keep} for m in _ordered(rows) if m.startswith("genius")},
+            "faiss": {m: {k: rows[m][k] for k in keep[:3]} for m in _ordered(rows) if not m.startswith("genius")},
+        }
+    return out
 
 
 def _ordered(methods: dict[str, Any]) -> list[str]:
     """The table order; GENIUS's ablation rows (genius_cbW, genius_r_cbW) right after GENIUS+R."""
-    def key(m: str) -> tuple[float, str]:
+    def key(m: str) -> tuple[float, bool, float, str]:
         if m in METHOD_ORDER:
-            return METHOD_ORDER.index(m), ""
-        return (METHOD_ORDER.index("genius_r") + 0.5 if m.startswith("genius") else len(METHOD_ORDER)), m
+            return METHOD_ORDER.index(m), False, 0.0, ""
+        if m.startswith("genius") and "_cb" in m:
+            base, weight = m.rsplit("_cb", 1)
+            return METHOD_ORDER.index("genius_r") + 0.5, base == "genius_r", float(weight), m
+        return len(METHOD_ORDER), False, 0.0, m
     return sorted(methods, key=key)
 
 

@@ -54,7 +54,8 @@ def _fit(args: argparse.Namespace) -> int:
     if args.decoder_epochs is not None:
         config.decoder_training = replace(config.decoder_training, epochs=args.decoder_epochs)
     config.beam_size = args.beam
-    config.codebook_weight = args.codebook_weight
+    if args.codebook_weight is not None:
+        config.codebook_weight = args.codebook_weight
     config.device = args.device
     needs_encoder = corpus.embeddings is None or queries.items.embeddings is None
     encoder = None
@@ -164,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
-    p.add_argument("--codebook-weight", type=float, default=0.0,
+    p.add_argument("--codebook-weight", type=float,
                    help="weight of the codes' own score (query . the ID's code vectors) beside the decoder's "
-                        "log-probabilities in the beam, stored with the index (default: 0, the decoder alone)")
+                        "log-probabilities in the beam, stored with the index (default: 100; 0: the decoder "
+                        "alone, as in the paper)")
     p.add_argument("--encoder", help="a stage-1 encoder folder (what `genius train encoder` writes); "
                                      "overrides --encoder-model")
     p.add_argument("--encoder-model", help="open_clip model name (default: the offline MiniLM + small CNN model)")

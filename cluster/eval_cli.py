@@ -71,8 +71,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "paper: t5-small)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs (default: from --size)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs (default: from --size)")
-    p.add_argument("--codebook-weight", type=float, default=0.0,
-                   help="weight of the codes' own score beside the decoder's in the beam (default: 0)")
+    p.add_argument("--codebook-weight", type=float,
+                   help="weight of the codes' own score beside the decoder's in the beam (default: 100; 0: the "
+                        "decoder alone)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default: 1, fastest for these small models on a shared CPU)")
@@ -104,7 +105,8 @@ def _index_config(args: argparse.Namespace):
             cfg.quantizer = replace(cfg.quantizer, epochs=args.quantizer_epochs)
         if args.decoder_epochs is not None:
             cfg.decoder_training = replace(cfg.decoder_training, epochs=args.decoder_epochs)
-        cfg.codebook_weight = args.codebook_weight
+        if args.codebook_weight is not None:
+            cfg.codebook_weight = args.codebook_weight
         cfg.device = args.device
         return cfg
 

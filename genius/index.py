@@ -54,7 +54,9 @@ class IndexConfig:
     beam_size: int = 50  # the paper's beam
     # Weight of the quantizer's own score (projected query . an ID's code vectors, summed)
     # beside the decoder's log-probabilities in the beam; 0: the decoder alone (the paper).
-    codebook_weight: float = 0.0
+    # 100 = 1/temperature of the quantizer's contrastive loss, which trains these inner
+    # products as logits; measured best on full-pool WordNet (bench/results/peers.md).
+    codebook_weight: float = 100.0
     ranges_per_modality: int = 1  # trie partitions per modality (by first semantic code)
     store_vectors: bool = True  # keep item embeddings (fp16) for re-ranking
     query_batch: int = 32  # queries decoded together

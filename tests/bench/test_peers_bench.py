@@ -124,12 +124,16 @@ def test_faiss_training_is_shared_across_pool_sizes_except_ivf(task):
     assert not peers_methods.build_faiss("ivfpq", small[:400], small, trained=trained).info["training_reused"]
 
 
-def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task):
+def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task, tmp_path):
     cfg = IndexConfig.for_corpus(len(task.pool))
     cfg.quantizer = replace(cfg.quantizer, epochs=10)
     cfg.decoder_training = replace(cfg.decoder_training, epochs=8)
-    plain, reranked, index = peers_methods.build_genius(task.pool, task.pool_modality, task.train_queries,
-                                                        task.train_targets, int(Modality.TEXT), cfg, beam=10)
+    fit_args = (task.pool, task.pool_modality, task.train_queries, task.train_targets, int(Modality.TEXT), cfg)
+    plain, reranked, index = peers_methods.build_genius(*fit_args, beam=10, saved=tmp_path / "fit")
+    # a second run loads the saved fit (memory-mapped) and ranks identically
+    again, _, loaded = peers_methods.build_genius(*fit_args, beam=10, saved=tmp_path / "fit")
+    assert again.build_s == plain.build_s and loaded.root is not None
+    np.testing.assert_array_equal(again.search(task.test_queries[:20], 10), plain.search(task.test_queries[:20], 10))
     ranked = plain.search(task.test_queries, 10)
     assert ranked.shape == (len(task.test_queries), 10)
     assert ranked.max() < len(task.pool)
