@@ -82,7 +82,9 @@ class IndexConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "IndexConfig":
-        kwargs = {}
+        # Configs saved before the codebook-scored beam existed ranked by the decoder alone:
+        # they keep doing so when loaded.
+        kwargs: dict = {} if "codebook_weight" in data else {"codebook_weight": 0.0}
         for f in fields(cls):
             value = data.get(f.name)
             if value is None:

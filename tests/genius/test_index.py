@@ -121,3 +121,10 @@ def test_bad_requests_are_refused_clearly(data, index, tmp_path):
         index.search(data.test_queries[:1], k=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GeniusIndex.load(tmp_path / "nowhere")
+
+
+def test_configs_saved_before_the_codebook_weight_keep_the_decoder_only_beam():
+    saved = IndexConfig.for_corpus(1000).to_dict()
+    assert IndexConfig.from_dict(saved).codebook_weight == IndexConfig().codebook_weight == 100.0
+    del saved["codebook_weight"]
+    assert IndexConfig.from_dict(saved).codebook_weight == 0.0
