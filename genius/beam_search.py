@@ -6,9 +6,9 @@ the `beam_size` best prefixes per query. The decoder's KV cache is reordered in 
 cross-attention keys and values are computed once per query. Only valid IDs come out.
 
 With codebook scores (`ModalResidualQuantizer.code_scores`), each step also adds
-`codebook_weight` x the projected query's inner product with the code's vector: summed over
-the ID that is the query's inner product with the ID's reconstruction (what a residual
-quantizer ranks by), so the beam scores an ID by the decoder and by the index's own codes.
+`codebook_weight` x the projected query's inner product with the code's vector. Summed over
+an ID's levels that is the query's inner product with the ID's reconstruction (what a
+residual quantizer ranks by): the beam scores an ID by the decoder and by the index's codes.
 """
 from __future__ import annotations
 
