@@ -68,7 +68,7 @@ def test_chance_recall_matches_random_rankings():
     relevance = [rng.choice(n, size=int(s), replace=False) for s in rng.integers(1, 6, size=40)]
     t = peers_data.PoolTask("r", Modality.TEXT, Modality.TEXT, np.zeros((n, 2), np.float32), np.zeros((0, 2)),
                             np.zeros(0, np.int64), np.zeros((40, 2)), relevance, "", {})
-    trials = 3000
+    trials = 1000  # the averaged recall's standard error is ~0.002 here, far inside the 0.01 margin
     hits = np.zeros(3)
     for _ in range(trials):
         perm = rng.permutation(n)
