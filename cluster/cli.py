@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
     p.add_argument("--codebook-weight", type=float,
                    help="weight of the codes' own score (query . the ID's code vectors) beside the decoder's "
-                        "log-probabilities in the beam, stored with the index (default: 100; 0: the decoder "
-                        "alone, as in the paper)")
+                        "log-probabilities in the beam, stored with the index (default: 0, the decoder alone "
+                        "as in the paper; 100 was best on full-pool WordNet)")
     p.add_argument("--encoder", help="a stage-1 encoder folder (what `genius train encoder` writes); "
                                      "overrides --encoder-model")
     p.add_argument("--encoder-model", help="open_clip model name (default: the offline MiniLM + small CNN model)")

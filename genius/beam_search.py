@@ -7,8 +7,9 @@ cross-attention keys and values are computed once per query. Only valid IDs come
 
 With codebook scores (`ModalResidualQuantizer.code_scores`), each step also adds
 `codebook_weight` x the projected query's inner product with the code's vector. Summed over
-an ID's levels that is the query's inner product with the ID's reconstruction (what a
-residual quantizer ranks by): the beam scores an ID by the decoder and by the index's codes.
+an ID's semantic levels that is the query's inner product with the ID's reconstruction less
+its modality centroid (what a residual quantizer ranks by, within a modality): the beam
+scores an ID by the decoder and by the index's codes; the modality stays the decoder's.
 """
 from __future__ import annotations
 
@@ -97,8 +98,11 @@ def _codebook_bonus(codebook_scores: tuple[torch.Tensor, torch.Tensor] | None, w
     if modality.shape != (Q, NUM_MODALITIES) or levels.shape != (Q, L, K):
         raise ValueError(f"codebook scores must be ({Q}, {NUM_MODALITIES}) and ({Q}, {L}, {K}), got "
                          f"{tuple(modality.shape)} and {tuple(levels.shape)}")
-    modality, levels = (weight * modality.float()).to(device), (weight * levels.float()).to(device)
-    return [modality] + [levels[:, level] for level in range(L)]
+    # The modality step gets no bonus: a query's projection lies nearer its own modality's
+    # centroid, which would pull the beam away from the modality asked for (a text query for
+    # an image); within one modality the centroid term is the same for every ID.
+    levels = (weight * levels.float()).to(device)
+    return [torch.zeros(Q, NUM_MODALITIES, device=device)] + [levels[:, level] for level in range(L)]
 
 
 @torch.no_grad()
@@ -119,7 +123,8 @@ def beam_search(
     queries, or one per query). normalize: "allowed" renormalises each step over the codes
     the trie allows; "level" over all tokens of the level (then masks). codebook_scores:
     ((Q, 3), (Q, L, K)) inner products of the projected queries with the modality centroids
-    and code vectors, added to the log-probabilities times `codebook_weight`. trace: a list
+    and code vectors; the code vectors' are added to the log-probabilities times
+    `codebook_weight` (the modality step is left to the decoder). trace: a list
     that receives each step's (Q, width, step + 1) prefixes (-1 where a slot is empty), for
     diagnosing where a target's prefix leaves the beam.
     """

@@ -54,9 +54,10 @@ class IndexConfig:
     beam_size: int = 50  # the paper's beam
     # Weight of the quantizer's own score (projected query . an ID's code vectors, summed)
     # beside the decoder's log-probabilities in the beam; 0: the decoder alone (the paper).
-    # 100 = 1/temperature of the quantizer's contrastive loss, which trains these inner
-    # products as logits; measured best on full-pool WordNet (bench/results/peers.md).
-    codebook_weight: float = 100.0
+    # 100 (= 1/temperature of the quantizer's contrastive loss, which trains these inner
+    # products as logits) was best on full-pool WordNet (bench/results/peers.md), but it is
+    # not the default yet: in a small universal (cross-modal) pool it lowered recall@1.
+    codebook_weight: float = 0.0
     ranges_per_modality: int = 1  # trie partitions per modality (by first semantic code)
     store_vectors: bool = True  # keep item embeddings (fp16) for re-ranking
     query_batch: int = 32  # queries decoded together
@@ -83,7 +84,7 @@ class IndexConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "IndexConfig":
         # Configs saved before the codebook-scored beam existed ranked by the decoder alone:
-        # they keep doing so when loaded.
+        # they keep doing so when loaded, whatever the default becomes.
         kwargs: dict = {} if "codebook_weight" in data else {"codebook_weight": 0.0}
         for f in fields(cls):
             value = data.get(f.name)

@@ -113,10 +113,9 @@ def random_codebook_scores(queries: torch.Tensor, levels: int, size: int, seed: 
 
 
 def codebook_total(scores, q: int, ids: list[tuple]) -> torch.Tensor:
-    """An ID's codebook score: its modality entry plus one entry per level."""
-    modality, levels = scores
-    return torch.tensor([float(modality[q, i[0]]) + sum(float(levels[q, l, c]) for l, c in enumerate(i[1:]))
-                         for i in ids])
+    """An ID's codebook score: one entry per semantic level (the modality is the decoder's)."""
+    _, levels = scores
+    return torch.tensor([sum(float(levels[q, l, c]) for l, c in enumerate(i[1:])) for i in ids])
 
 
 @pytest.mark.parametrize("weight", [0.5, 3.0])
@@ -150,9 +149,22 @@ def test_a_dominant_codebook_weight_ranks_by_the_codes_alone():
     codes, modality, trie, decoder, queries = make_case(11, max_items=60)
     ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
     scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, 0)
-    result = beam_search(decoder, trie, queries, beam_size=len(ids), codebook_scores=scores, codebook_weight=1e4)
-    for q in range(len(queries)):
-        assert tuple(result.codes[q, 0].tolist()) == ids[int(codebook_total(scores, q, ids).argmax())]
+    for m in sorted(set(modality.tolist())):  # within one modality (the modality step is the decoder's)
+        of_m = [i for i in ids if i[0] == m]
+        result = beam_search(decoder, trie, queries, beam_size=len(of_m), target_modalities=[Modality(m)],
+                             codebook_scores=scores, codebook_weight=1e4)
+        for q in range(len(queries)):
+            assert tuple(result.codes[q, 0].tolist()) == of_m[int(codebook_total(scores, q, of_m).argmax())]
+
+
+def test_the_codebook_bonus_leaves_the_modality_to_the_decoder():
+    codes, modality, trie, decoder, queries = make_case(12, max_items=60)
+    modality_scores, levels = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, 1)
+    plain = beam_search(decoder, trie, queries, beam_size=3, codebook_scores=(torch.zeros_like(modality_scores), levels),
+                        codebook_weight=5.0)
+    skewed = beam_search(decoder, trie, queries, beam_size=3, codebook_scores=(100 * modality_scores, levels),
+                         codebook_weight=5.0)
+    np.testing.assert_array_equal(plain.codes, skewed.codes)
 
 
 def test_codebook_scores_must_match_the_trie():

@@ -68,13 +68,18 @@ def test_codebook_weighted_beam_finds_the_best_code_and_keeps_recall(data, index
     queries = data.test_queries[:20]
     codes = index.item_codes(np.arange(len(index)))
     ids = np.unique(codes, axis=0)
-    # A dominant weight with a beam over every ID ranks by the codes' own score: its top ID
-    # is the one whose reconstruction has the largest inner product with the projected query.
-    dominant = index.search(queries, k=1, beam_size=len(ids), rerank=False, codebook_weight=1e4)
-    with torch.no_grad():
-        best = (index.quantizer.project(queries) @ index.quantizer.decode(torch.from_numpy(ids)).T).argmax(1).numpy()
-    for q in range(len(queries)):
-        assert tuple(codes[dominant.items[q, 0]]) == tuple(ids[best[q]])
+    # A dominant weight with a beam over every ID of a modality ranks by the codes' own score:
+    # its top ID is the one whose reconstruction (less the modality centroid) has the largest
+    # inner product with the projected query.
+    for m in np.unique(ids[:, 0]):
+        of_m = ids[ids[:, 0] == m]
+        dominant = index.search(queries, k=1, beam_size=len(of_m), rerank=False, codebook_weight=1e4,
+                                target_modalities=[Modality(int(m))])
+        with torch.no_grad():
+            semantic = index.quantizer.decode(torch.from_numpy(of_m)) - index.quantizer.modality_centroids[int(m)]
+            best = (index.quantizer.project(queries) @ semantic.T).argmax(1).numpy()
+        for q in range(len(queries)):
+            assert tuple(codes[dominant.items[q, 0]]) == tuple(of_m[best[q]])
     # Mixed scores keep recall above chance and return indexed items only.
     mixed = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=False, codebook_weight=30.0)
     assert ((mixed.items >= 0) & (mixed.items < len(index))).all()
@@ -125,6 +130,7 @@ def test_bad_requests_are_refused_clearly(data, index, tmp_path):
 
 def test_configs_saved_before_the_codebook_weight_keep_the_decoder_only_beam():
     saved = IndexConfig.for_corpus(1000).to_dict()
-    assert IndexConfig.from_dict(saved).codebook_weight == IndexConfig().codebook_weight == 100.0
+    saved["codebook_weight"] = 100.0
+    assert IndexConfig.from_dict(saved).codebook_weight == 100.0
     del saved["codebook_weight"]
     assert IndexConfig.from_dict(saved).codebook_weight == 0.0
