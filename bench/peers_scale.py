@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from peers_methods import ivf_lists
+
 log = logging.getLogger("bench.peers")
 NOISE = 0.05  # per-dimension sd of a distractor's vector offset, before renormalising
 CHUNK = 1_000_000
@@ -83,7 +85,7 @@ def latency_curve(task: Any, index: Any, sizes: list[int], args: Any, out: list[
     real_vectors = task.pool.astype(np.float32)
     k_codes = index.quantizer.codebook_size
     # IVF-PQ is trained once on the real vectors; every size adds to a fresh copy of it.
-    nlist = max(16, 2 ** round(np.log2(4 * np.sqrt(max(sizes)))))
+    nlist = ivf_lists(max(sizes))
     ivf_trained = faiss.index_factory(real_vectors.shape[1], f"IVF{nlist},PQ12np", faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
     ivf_trained.train(real_vectors[np.random.default_rng(args.seed).permutation(len(real_vectors))[:args.faiss_train]])
