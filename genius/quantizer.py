@@ -57,7 +57,15 @@ class QuantizerConfig:
     rq_weight: float = 100.0
     mse_weight: float = 100.0
     ema_decay: float = 0.99
-    kmeans_iters: int = 25
+    kmeans_iters: int = 25  # per stage of the progressive k-means
+    # Stages of faiss's progressive-dimension k-means (principal axes, dimensions added
+    # geometrically); 0: plain Lloyd. On WordNet (10k items, 8 x 256) the codes' own recall@10
+    # (every item ranked by query . reconstruction) rises from 0.36 to 0.45 (bench/results/codebooks.md).
+    kmeans_progressive_steps: int = 10
+    # After training, re-run the k-means init on the trained projection: the EMA codebooks
+    # trail a projection that the contrastive loss moves (after 10 epochs on that pool the
+    # codes' recall@10 had fallen to 0.06; refitted 0.37). The decoder learns the refitted codes.
+    refit_codebooks: bool = True
     # k-means init sample: at most this many items per code (faiss uses 256; 64 is enough for
     # the init to use every code and keeps the CPU cost bounded).
     kmeans_points_per_code: int = 64
@@ -174,8 +182,16 @@ def kmeans(
     *,
     generator: torch.Generator | None = None,
     chunk_rows: int | None = None,
+    progressive_steps: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Lloyd's k-means in torch (any device) with empty-cluster repair.
+
+    ``progressive_steps`` > 1: faiss's progressive-dimension clustering. The points are
+    rotated onto their principal axes and clustered on the first d dimensions, d growing
+    geometrically to D over that many stages (num_iters each), each stage starting from the
+    previous one's clusters: the coarse structure is found where distances are not yet
+    flattened by hundreds of low-variance dimensions. On sentence embeddings (WordNet, 10k
+    items, 8 residual levels x 256 codes) it cuts the reconstruction error from 0.40 to 0.33.
 
     Returns (centroids (K, D), assignment (N,), counts (K,)) where the assignment is to the
     final centroids. With N >= K distinct points no cluster is left empty: an empty one is
@@ -193,7 +209,25 @@ def kmeans(
         logger.warning("k-means: %d points for %d clusters; some codes will repeat", n, k)
         first = torch.randint(n, (k,), generator=generator, device=gen_device)
     centroids = x[first.to(x.device)].clone()
-    assign = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    if progressive_steps > 1 and n > k:
+        centroids = _progressive_dim(x, centroids, num_iters, progressive_steps, chunk_rows)
+    else:
+        centroids = _lloyd(x, centroids, num_iters, chunk_rows)
+    assign, dist = _nearest(x, centroids, chunk_rows)
+    counts = torch.bincount(assign, minlength=k)
+    # Final repair: Lloyd can leave a cluster empty after its last move.
+    for _ in range(8):
+        if not _reseed_empty(x, centroids, assign, dist, counts):
+            break
+        assign, dist = _nearest(x, centroids, chunk_rows)
+        counts = torch.bincount(assign, minlength=k)
+    return centroids, assign, counts
+
+
+def _lloyd(x: Tensor, centroids: Tensor, num_iters: int, chunk_rows: int) -> Tensor:
+    """Lloyd iterations from ``centroids`` (updated in place) until the assignment settles."""
+    k, dim = centroids.shape
+    assign = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
     for _ in range(num_iters):
         new_assign, dist = _nearest(x, centroids, chunk_rows)
         counts = torch.bincount(new_assign, minlength=k)
@@ -204,15 +238,28 @@ def kmeans(
         if not moved and torch.equal(new_assign, assign):
             break
         assign = new_assign
-    assign, dist = _nearest(x, centroids, chunk_rows)
-    counts = torch.bincount(assign, minlength=k)
-    # Final repair: Lloyd can leave a cluster empty after its last move.
-    for _ in range(8):
-        if not _reseed_empty(x, centroids, assign, dist, counts):
-            break
-        assign, dist = _nearest(x, centroids, chunk_rows)
-        counts = torch.bincount(assign, minlength=k)
-    return centroids, assign, counts
+    return centroids
+
+
+def _progressive_dim(x: Tensor, first: Tensor, num_iters: int, steps: int, chunk_rows: int) -> Tensor:
+    """k-means on the principal axes, adding dimensions stage by stage (see ``kmeans``)."""
+    n, dim = x.shape
+    centered = x - x.mean(0)
+    _, axes = torch.linalg.eigh(centered.T @ centered)
+    rotation = axes.flip(1)  # largest variance first
+    y = x @ rotation
+    dims = sorted({max(1, min(dim, round(dim ** ((s + 1) / steps)))) for s in range(steps)} | {dim})
+    centroids = (first @ rotation)[:, : dims[0]].contiguous()
+    for stage, d in enumerate(dims):
+        if stage:  # start from the previous stage's clusters, now seen in d dimensions
+            assign, _ = _nearest(y[:, : dims[stage - 1]], centroids, chunk_rows)
+            counts = torch.bincount(assign, minlength=first.shape[0])
+            grown = torch.zeros(first.shape[0], d, dtype=y.dtype, device=y.device).index_add_(0, assign, y[:, :d])
+            grown = grown / counts.clamp_min(1)[:, None].to(y.dtype)
+            grown[counts == 0, : dims[stage - 1]] = centroids[counts == 0]
+            centroids = grown
+        centroids = _lloyd(y[:, :d].contiguous(), centroids, num_iters, chunk_rows)
+    return centroids @ rotation.T
 
 
 # --------------------------------------------------------------------------- model
@@ -249,6 +296,7 @@ class ModalResidualQuantizer(nn.Module):
         codebook_size: int = 4096,
         ema_decay: float = 0.99,
         kmeans_iters: int = 25,
+        kmeans_progressive_steps: int = 10,
         dead_code_threshold: float = 1e-3,
         dead_code_reset_size: float | None = None,
         use_modality_code: bool = True,
@@ -263,6 +311,7 @@ class ModalResidualQuantizer(nn.Module):
         self.codebook_size = int(codebook_size)
         self.ema_decay = float(ema_decay)
         self.kmeans_iters = int(kmeans_iters)
+        self.kmeans_progressive_steps = int(kmeans_progressive_steps)
         self.dead_code_threshold = float(dead_code_threshold)
         self.use_modality_code = bool(use_modality_code)
         self.projection = ResidualProjection(self.dim, int(hidden_dim or self.dim))
@@ -295,6 +344,7 @@ class ModalResidualQuantizer(nn.Module):
             codebook_size=config.codebook_size,
             ema_decay=config.ema_decay,
             kmeans_iters=config.kmeans_iters,
+            kmeans_progressive_steps=config.kmeans_progressive_steps,
             dead_code_threshold=config.dead_code_threshold,
             use_modality_code=config.use_modality_code,
             **kwargs,
@@ -380,7 +430,8 @@ class ModalResidualQuantizer(nn.Module):
         scale = float(expected_batch_size or n) / n
         used = []
         for level, layer in enumerate(self.rvq.layers):
-            centroids, assign, counts = kmeans(residual, self.codebook_size, self.kmeans_iters, generator=gen)
+            centroids, assign, counts = kmeans(residual, self.codebook_size, self.kmeans_iters, generator=gen,
+                                               progressive_steps=self.kmeans_progressive_steps)
             book = layer._codebook
             size = counts.to(centroids.dtype) * scale
             book.embed.data.copy_(centroids[None])
@@ -592,6 +643,10 @@ def train_quantizer(
     ``query_modality``: the queries' own modality (its centroid is removed from the query);
     by default a query is quantized as an item of its target's modality.
 
+    With config.refit_codebooks the codebooks and centroids are finally re-initialised by
+    k-means on the trained projection, so an item's ID is a plain residual code of where the
+    projection puts it (the EMA codebooks trail a moving projection).
+
     Seeded by config.seed (the global RNG state is restored afterwards). Returns one dict of
     mean losses per epoch.
     """
@@ -627,22 +682,17 @@ def train_quantizer(
         torch.manual_seed(config.seed)
         gen = torch.Generator().manual_seed(config.seed)
 
-        if not quantizer.is_initialized:
-            pool_x = xt if xi is None else torch.cat([xt, xi])
-            pool_m = mt if mi is None else torch.cat([mt, mi])
-            limit = config.kmeans_points_per_code * quantizer.codebook_size
-            if pool_x.shape[0] > limit:
-                pick = torch.randperm(pool_x.shape[0], generator=gen)[:limit]
-                pool_x, pool_m = pool_x[pick], pool_m[pick]
-            # Targets repeat (several queries per target): duplicates would waste codes.
-            pool_x, inverse = torch.unique(pool_x, dim=0, return_inverse=True)
-            first = torch.full((pool_x.shape[0],), -1, dtype=torch.long).scatter_reduce(
-                0, inverse, torch.arange(inverse.numel()), reduce="amax", include_self=True)
-            pool_m = pool_m[first]
+        def init_from_sample(when: str) -> None:
+            sample_x, sample_m = _init_sample(xt, mt, xi, mi, config.kmeans_points_per_code * quantizer.codebook_size,
+                                              gen)
             t0 = time.perf_counter()
-            used = quantizer.init_codebooks(pool_x, pool_m, expected_batch_size=batch + item_batch, seed=config.seed)
-            logger.info("k-means init on %d items in %.1fs; codes used per level: %s",
-                        pool_x.shape[0], time.perf_counter() - t0, used)
+            used = quantizer.init_codebooks(sample_x, sample_m, expected_batch_size=batch + item_batch,
+                                            seed=config.seed)
+            logger.info("k-means %s on %d items in %.1fs; codes used per level: %s",
+                        when, sample_x.shape[0], time.perf_counter() - t0, used)
+
+        if not quantizer.is_initialized:
+            init_from_sample("init")
 
         params = [p for p in quantizer.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -705,4 +755,21 @@ def train_quantizer(
         finally:
             bar.close()
             quantizer.eval()
+        if config.refit_codebooks and config.epochs > 0:
+            init_from_sample("refit on the trained projection")
     return history
+
+
+def _init_sample(xt: Tensor, mt: Tensor, xi: Tensor | None, mi: Tensor | None, limit: int,
+                 gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Distinct items (targets and extra items) for the k-means, at most `limit` of them."""
+    pool_x = xt if xi is None else torch.cat([xt, xi])
+    pool_m = mt if mi is None else torch.cat([mt, mi])
+    if pool_x.shape[0] > limit:
+        pick = torch.randperm(pool_x.shape[0], generator=gen)[:limit]
+        pool_x, pool_m = pool_x[pick], pool_m[pick]
+    # Targets repeat (several queries per target): duplicates would waste codes.
+    pool_x, inverse = torch.unique(pool_x, dim=0, return_inverse=True)
+    first = torch.full((pool_x.shape[0],), -1, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(inverse.numel()), reduce="amax", include_self=True)
+    return pool_x, pool_m[first]
