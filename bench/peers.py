@@ -159,7 +159,8 @@ def genius_config(num_items: int, args: argparse.Namespace):
     from genius.decoder import DecoderConfig
     from genius.index import IndexConfig
 
-    cfg = IndexConfig.for_corpus(num_items)
+    shape = {k: v for k, v in (("num_levels", args.levels), ("codebook_size", args.codebook_size)) if v}
+    cfg = IndexConfig.for_corpus(num_items, **shape)
     if args.decoder:
         cfg.decoder = DecoderConfig.named(args.decoder)
     if args.quantizer_epochs:
@@ -250,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="above this many items the latency curve's flat search runs over chunks (default 2e6)")
     p.add_argument("--max-records", type=int, help="use only the first N records of each corpus (quick runs)")
     p.add_argument("--decoder", help="GENIUS decoder size (genius.decoder.DecoderConfig.named; default: small)")
+    p.add_argument("--levels", type=int, help="GENIUS code levels L (default: IndexConfig.for_corpus)")
+    p.add_argument("--codebook-size", type=int, help="GENIUS codes per level K (default: IndexConfig.for_corpus)")
     p.add_argument("--quantizer-epochs", type=int, help="GENIUS stage-2 epochs (default: IndexConfig.for_corpus)")
     p.add_argument("--quantizer-batch", type=int, default=1024, help="GENIUS stage-2 batch (default 1024)")
     p.add_argument("--decoder-epochs", type=int, default=6, help="GENIUS stage-3 epochs (default 6)")

@@ -218,5 +218,6 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
 def _config_summary(cfg: Any) -> dict[str, Any]:
     q, d, t = cfg.quantizer, cfg.decoder, cfg.decoder_training
     return {"levels": q.num_levels, "codebook_size": q.codebook_size, "quantizer_epochs": q.epochs,
+            "kmeans_progressive_steps": q.kmeans_progressive_steps, "refit_codebooks": q.refit_codebooks,
             "decoder": f"{d.num_layers}x{d.d_model} ff{d.d_ff} P{d.prefix_len}", "decoder_epochs": t.epochs,
             "decoder_batch": t.batch_size, "decoder_lr": t.lr, "index_task": t.index_task}

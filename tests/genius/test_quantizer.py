@@ -305,12 +305,45 @@ def test_kmeans_repairs_empty_clusters() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(8, 200), k=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_kmeans_never_leaves_a_code_empty(n: int, k: int, seed: int) -> None:
+@given(n=st.integers(8, 200), k=st.integers(1, 8), seed=st.integers(0, 2**16), steps=st.sampled_from([0, 4]))
+def test_kmeans_never_leaves_a_code_empty(n: int, k: int, seed: int, steps: int) -> None:
     x = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
-    _, _, counts = kmeans(x, k, 3, generator=torch.Generator().manual_seed(seed))
+    _, _, counts = kmeans(x, k, 3, generator=torch.Generator().manual_seed(seed), progressive_steps=steps)
     assert torch.all(counts > 0)
     assert int(counts.sum()) == n
+
+
+def test_progressive_kmeans_leaves_smaller_residuals_on_a_decaying_spectrum() -> None:
+    # Embeddings' variance decays over their principal axes; residual quantization of such data
+    # (4 levels of 32 codes, axes hidden by a rotation) ends with a smaller error when each
+    # level's k-means adds dimensions progressively (on WordNet embeddings: 0.40 -> 0.33).
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3000, 128, generator=g) * torch.arange(1, 129).float().pow(-1.0)
+        x = x @ torch.linalg.qr(torch.randn(128, 128, generator=g))[0]
+        error = {}
+        for steps in (0, 8):
+            residual = x.clone()
+            for level in range(4):
+                centroids, assign, counts = kmeans(residual, 32, 10, progressive_steps=steps,
+                                                   generator=torch.Generator().manual_seed(10 * seed + level))
+                assert torch.equal(torch.bincount(assign, minlength=32), counts)
+                residual = residual - centroids[assign]
+            error[steps] = float((residual**2).sum(1).mean())
+        assert error[8] < 0.985 * error[0], (seed, error)
+
+
+def test_codebooks_refitted_on_the_trained_projection_reconstruct_better(corpus: Corpus) -> None:
+    # The EMA codebooks trail a projection the contrastive loss moves; the final refit is a
+    # k-means of where the projection finally puts the items.
+    errors = {}
+    for refit in (False, True):
+        cfg = replace(CONFIG, refit_codebooks=refit)
+        q = new_quantizer(cfg)
+        train_quantizer(q, corpus.queries[TRAIN], corpus.items[TRAIN], corpus.modality[TRAIN], config=cfg,
+                        progress=False)
+        errors[refit] = q.reconstruction_error(corpus.items[HELD_OUT], corpus.modality[HELD_OUT])
+    assert torch.all(errors[True] < 0.9 * errors[False]), errors
 
 
 def test_dead_code_is_restarted_from_batch_vectors(corpus: Corpus) -> None:
