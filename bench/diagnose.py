@@ -53,15 +53,11 @@ def beam_survival(index: Any, queries: np.ndarray, targets: list[np.ndarray], be
     """Per step (modality, then each level): share of queries with a target prefix in the beam."""
     import torch
 
-    from genius.beam_search import beam_search
-
     alive_by_step: list[list[bool]] = []
     for a in range(0, len(queries), index.config.query_batch):
         trace: list[np.ndarray] = []
         chunk = torch.from_numpy(np.ascontiguousarray(queries[a : a + index.config.query_batch]))
-        scores = index.quantizer.code_scores(chunk) if codebook_weight else None
-        beam_search(index.decoder, index.trie, chunk, beam, codebook_scores=scores, codebook_weight=codebook_weight,
-                    trace=trace)
+        index.beam(chunk, beam, codebook_weight=codebook_weight, trace=trace)
         for step, prefixes in enumerate(trace):
             if len(alive_by_step) <= step:
                 alive_by_step.append([])

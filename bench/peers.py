@@ -198,7 +198,8 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
             rows["genius"] = measure(plain, task, args)
             rows["genius_r"] = measure(reranked, task, args)
             for weight in args.codebook_weights:  # ablation rows: the same model, the beam scored otherwise
-                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, weight, f"_cb{weight:g}"):
+                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, weight, f"_cb{weight:g}",
+                                                            distinct_ids=plain.info["distinct_ids"]):
                     rows[variant.name] = measure(variant, task, args)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors

@@ -175,8 +175,9 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
 
 
 def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float | None = None,
-                   suffix: str = "") -> tuple[Built, Built]:
-    """(genius, genius_r) searching a fitted index; codebook_weight overrides the config's."""
+                   suffix: str = "", distinct_ids: int | None = None) -> tuple[Built, Built]:
+    """(genius, genius_r) searching a fitted index; codebook_weight overrides the config's.
+    distinct_ids: the index's count of distinct IDs when known (a unique over every ID)."""
     from genius.rerank import cosine
 
     pool_size = len(index)
@@ -208,7 +209,8 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
     weight = index.config.codebook_weight if codebook_weight is None else codebook_weight
     info = {"fit_config": _config_summary(index.config), "trie_bytes_per_item": round(trie_bytes, 2),
             "model_bytes": int(model_bytes), "beam": beam, "codebook_weight": weight,
-            "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0)))}
+            "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0))
+                                if distinct_ids is None else distinct_ids)}
     plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)
     reranked = Built("genius_r" + suffix, search_rerank, build_s, trie_bytes + 2 * index.decoder.embed_dim, info,
                      pool_share_rescored=lambda: float(np.mean(rescored)) / pool_size if rescored else None)

@@ -308,13 +308,15 @@ class GeniusIndex:
                 first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
             yield chunk, self.beam(chunk, beam_size, first_step, codebook_weight), chunk_wanted
 
-    def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None, codebook_weight: float | None = None):
+    def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None, codebook_weight: float | None = None,
+             trace: list | None = None):
         """The trie-constrained beam search of one chunk of query embeddings, scored by the
-        decoder and, with a codebook weight (default: the config's), by the codes."""
+        decoder and, with a codebook weight (default: the config's), by the codes. `trace`: a
+        list that receives each step's prefixes (beam_search's)."""
         weight = self.config.codebook_weight if codebook_weight is None else codebook_weight
         scores = self.quantizer.code_scores(query_emb) if weight else None
         return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
-                           codebook_scores=scores, codebook_weight=weight)
+                           codebook_scores=scores, codebook_weight=weight, trace=trace)
 
     def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""
