@@ -14,8 +14,8 @@ bits per item, greedy encoding) and exact search (flat, and flat on the trained 
 
 Variants (genius.quantizer.QuantizerConfig):
   plain        Lloyd k-means init, EMA codebooks as trained (the quantizer before 2026-12-03)
-  progressive  progressive-dimension k-means init, EMA codebooks as trained
-  refit        progressive k-means, and the codebooks refitted on the trained projection (default)
+  progressive  progressive-dimension k-means init, EMA codebooks as trained (the default)
+  refit        progressive k-means, then the codebooks refitted on the trained projection
 
 Results: bench/results/codebooks.{json,md}.
 """
@@ -41,8 +41,8 @@ import peers_data  # noqa: E402
 log = logging.getLogger("bench.codebooks")
 VARIANTS = {
     "plain": {"kmeans_progressive_steps": 0, "refit_codebooks": False},
-    "progressive": {"refit_codebooks": False},
-    "refit": {},
+    "progressive": {"kmeans_progressive_steps": 10, "refit_codebooks": False},
+    "refit": {"kmeans_progressive_steps": 10, "refit_codebooks": True},
 }
 
 
@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="quantizer variants (default all)")
     p.add_argument("--variants-shape", default="5x256",
-                   help="the shape every variant runs at; other shapes run the default variant only (default 5x256)")
+                   help="the shape every variant runs at (default 5x256)")
+    p.add_argument("--shape-variant", default="refit", choices=list(VARIANTS),
+                   help="the variant other shapes run (default refit: the codes' best ceiling)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs (default: as bench/peers.py)")
     p.add_argument("--quantizer-batch", type=int, default=1024, help="stage-2 batch (default 1024, as bench/peers.py)")
     p.add_argument("--faiss-train", type=int, default=65536, help="faiss RQ training sample (default 65536)")
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for shape in args.shapes:
         levels, codebook_size = (int(v) for v in shape.lower().split("x"))
-        variants = args.variants if shape == args.variants_shape else ["refit"]
+        variants = args.variants if shape == args.variants_shape else [args.shape_variant]
         for variant in variants:
             result["rows"].append(genius_codes(task, levels, codebook_size, variant, args))
             save()

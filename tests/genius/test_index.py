@@ -70,16 +70,21 @@ def test_codebook_weighted_beam_finds_the_best_code_and_keeps_recall(data, index
     ids = np.unique(codes, axis=0)
     # A dominant weight with a beam over every ID of a modality ranks by the codes' own score:
     # its top ID is the one whose reconstruction (less the modality centroid) has the largest
-    # inner product with the projected query.
+    # inner product with the projected query. The decoder's log-probabilities still break
+    # near-ties: a code score within (their spread) / weight of the best one may win.
+    weight = 1e4
     for m in np.unique(ids[:, 0]):
         of_m = ids[ids[:, 0] == m]
-        dominant = index.search(queries, k=1, beam_size=len(of_m), rerank=False, codebook_weight=1e4,
+        dominant = index.search(queries, k=1, beam_size=len(of_m), rerank=False, codebook_weight=weight,
                                 target_modalities=[Modality(int(m))])
         with torch.no_grad():
             semantic = index.quantizer.decode(torch.from_numpy(of_m)) - index.quantizer.modality_centroids[int(m)]
-            best = (index.quantizer.project(queries) @ semantic.T).argmax(1).numpy()
-        for q in range(len(queries)):
-            assert tuple(codes[dominant.items[q, 0]]) == tuple(of_m[best[q]])
+            code_score = (index.quantizer.project(queries) @ semantic.T).numpy()
+        position = {tuple(row): i for i, row in enumerate(of_m.tolist())}
+        got = np.array([position[tuple(codes[dominant.items[q, 0]].tolist())] for q in range(len(queries))])
+        best = code_score.argmax(1)
+        assert np.mean(got == best) >= 0.9
+        assert np.all(code_score[np.arange(len(queries)), got] >= code_score.max(1) - 20 / weight)
     # Mixed scores keep recall above chance and return indexed items only.
     mixed = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=False, codebook_weight=30.0)
     assert ((mixed.items >= 0) & (mixed.items < len(index))).all()
