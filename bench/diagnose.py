@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     # The task and the fit: bench/peers.py's options, with its defaults.
     defaults = peers.parse_args(["--tasks", "wordnet"])
     for name, kind in (("test_queries", int), ("beam", int), ("seed", int), ("cache", Path), ("decoder", str),
-                       ("levels", int), ("codebook_size", int), ("quantizer_epochs", int), ("quantizer_batch", int), ("decoder_epochs", int),
-                       ("decoder_batch", int), ("decoder_lr", float), ("max_records", int),
-                       ("codebook_weight", float)):
+                       ("levels", int), ("codebook_size", int), ("quantizer_epochs", int),
+                       ("quantizer_batch", int), ("decoder_epochs", int), ("decoder_batch", int),
+                       ("decoder_lr", float), ("max_records", int), ("codebook_weight", float)):
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
                        help=f"as in bench/peers.py (default {value})")
