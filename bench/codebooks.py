@@ -46,19 +46,6 @@ VARIANTS = {
 }
 
 
-def ranked_recall(scores_of, queries: np.ndarray, relevance: list[np.ndarray], chunk: int = 100) -> dict[str, float]:
-    """Recall@1/5/10 of ranking the pool by `scores_of(query chunk) -> (q, N)`."""
-    hits: dict[int, list[bool]] = {k: [] for k in peers.KS}
-    for a in range(0, len(queries), chunk):
-        scores = scores_of(queries[a : a + chunk])
-        top = np.argpartition(-scores, 10, axis=1)[:, :10]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
-        for q, row in enumerate(top):
-            for k in peers.KS:
-                hits[k].append(bool(np.isin(row[:k], relevance[a + q]).any()))
-    return {f"r{k}": round(float(np.mean(v)), 4) for k, v in hits.items()}
-
-
 def genius_codes(task: peers_data.PoolTask, levels: int, codebook_size: int, variant: str,
                  args: argparse.Namespace) -> dict[str, Any]:
     """Stage 2 of one shape and variant: the codes' exhaustive recall, MSE and fit time."""
@@ -100,9 +87,9 @@ def genius_codes(task: peers_data.PoolTask, levels: int, codebook_size: int, var
 
     row = {"method": f"genius_{variant}", "levels": levels, "codebook_size": codebook_size,
            "bits": levels * int(math.log2(codebook_size)), "epochs": cfg.epochs,
-           **ranked_recall(code_scores, task.test_queries, task.relevance),
+           **peers.ranked_recall(code_scores, task.test_queries, task.relevance),
            "mse": round(mse, 4), "fit_s": round(fit_s, 1), "distinct_ids": int(len(np.unique(codes, axis=0))),
-           "projected_flat": ranked_recall(projected_flat, task.test_queries, task.relevance)}
+           "projected_flat": peers.ranked_recall(projected_flat, task.test_queries, task.relevance)}
     log.info("%s", row)
     return row
 
@@ -124,7 +111,7 @@ def faiss_rq(task: peers_data.PoolTask, levels: int, codebook_size: int, args: a
     fit_s = time.perf_counter() - t0
     reconstruction = index.rq.decode(index.rq.compute_codes(pool))
     row = {"method": "faiss_rq", "levels": levels, "codebook_size": codebook_size, "bits": levels * bits,
-           **ranked_recall(lambda q: np.ascontiguousarray(q, dtype=np.float32) @ reconstruction.T,
+           **peers.ranked_recall(lambda q: np.ascontiguousarray(q, dtype=np.float32) @ reconstruction.T,
                            task.test_queries, task.relevance),
            "mse": round(float(((pool - reconstruction) ** 2).sum(1).mean()), 4), "fit_s": round(fit_s, 1),
            "trained_on": len(sample)}
@@ -170,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         task = task.subset(args.pool, args.seed)
     result: dict[str, Any] = {
         "command": " ".join(["python bench/codebooks.py", *sys.argv[1:]]), "task": task.summary(),
-        "flat": ranked_recall(lambda q: q @ task.pool.T, task.test_queries, task.relevance), "rows": [],
+        "flat": peers.ranked_recall(lambda q: q @ task.pool.T, task.test_queries, task.relevance), "rows": [],
     }
 
     def save() -> None:

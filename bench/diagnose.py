@@ -79,22 +79,20 @@ def code_agreement(index: Any, queries: np.ndarray, query_modality: int, targets
     return out
 
 
-def code_ceiling(index: Any, queries: np.ndarray, relevance: list[np.ndarray], ks=(1, 5, 10)) -> dict[str, float]:
+def code_ceiling(index: Any, queries: np.ndarray, relevance: list[np.ndarray]) -> dict[str, float]:
     """Recall of an exhaustive ranking of every indexed item by the codes' own score."""
     import torch
 
     codes = index.item_codes(np.arange(len(index)))
-    hits = {k: [] for k in ks}
-    for a in range(0, len(queries), 64):
-        modality, levels = (t.numpy() for t in index.quantizer.code_scores(torch.from_numpy(queries[a : a + 64])))
+
+    def scores_of(chunk: np.ndarray) -> np.ndarray:
+        modality, levels = (t.numpy() for t in index.quantizer.code_scores(torch.from_numpy(chunk)))
         score = modality[:, codes[:, 0]]
         for level in range(levels.shape[1]):
             score = score + levels[:, level, codes[:, 1 + level]]
-        top = np.argsort(-score, axis=1)[:, : max(ks)]
-        for q, row in enumerate(top):
-            for k in ks:
-                hits[k].append(bool(np.isin(row[:k], relevance[a + q]).any()))
-    return {f"r{k}": round(float(np.mean(v)), 4) for k, v in hits.items()}
+        return score
+
+    return peers.ranked_recall(scores_of, queries, relevance, chunk=64)
 
 
 def genius_recall(index: Any, queries: np.ndarray, relevance: list[np.ndarray], beam: int,

@@ -137,6 +137,17 @@ def recall(ranked: np.ndarray, relevance: list[np.ndarray], k: int) -> float:
     return float(np.mean([bool(np.isin(r[:k][r[:k] >= 0], rel).any()) for r, rel in zip(ranked, relevance)]))
 
 
+def ranked_recall(scores_of, queries: np.ndarray, relevance: list[np.ndarray], chunk: int = 100) -> dict[str, float]:
+    """Recall@1/5/10 of ranking the whole pool by `scores_of(query chunk) -> (q, N)` scores."""
+    top = []
+    for a in range(0, len(queries), chunk):
+        scores = scores_of(queries[a : a + chunk])
+        best = np.argpartition(-scores, 10, axis=1)[:, :10]
+        top.append(np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1), axis=1))
+    ranked = np.concatenate(top)
+    return {f"r{k}": round(recall(ranked, relevance, k), 4) for k in KS}
+
+
 def measure(method: peers_methods.Built, task: peers_data.PoolTask, args: argparse.Namespace) -> dict[str, Any]:
     ranked, wall, cpu = timed_search(method, task.test_queries, 10, args.batch)
     single = task.test_queries[: args.single_queries]

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import codebooks  # noqa: E402
+import peers  # noqa: E402
 import peers_data  # noqa: E402
 
 from genius.modality import Modality  # noqa: E402
@@ -37,7 +38,7 @@ ARGS = argparse.Namespace(quantizer_batch=256, quantizer_epochs=3, seed=0, faiss
 
 def test_ranked_recall_is_the_brute_force_ranking(task):
     scores = task.test_queries @ task.pool.T
-    got = codebooks.ranked_recall(lambda q: q @ task.pool.T, task.test_queries, task.relevance, chunk=7)
+    got = peers.ranked_recall(lambda q: q @ task.pool.T, task.test_queries, task.relevance, chunk=7)
     top = np.argsort(-scores, axis=1)
     for k in (1, 5, 10):
         assert got[f"r{k}"] == pytest.approx(np.mean([np.isin(r[:k], rel).any() for r, rel in zip(top, task.relevance)]))
