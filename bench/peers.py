@@ -185,6 +185,7 @@ def genius_config(num_items: int, args: argparse.Namespace):
     cfg.beam_size = args.beam
     if args.codebook_weight is not None:
         cfg.codebook_weight = args.codebook_weight
+    cfg.level_widths = list(args.level_widths)
     return cfg
 
 
@@ -212,6 +213,12 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, weight, f"_cb{weight:g}",
                                                             distinct_ids=plain.info["distinct_ids"]):
                     rows[variant.name] = measure(variant, task, args)
+            for widths in args.level_widths_rows:  # and the beam widened otherwise
+                suffix = "_lw" + ("-".join(map(str, widths)) or "none")
+                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix=suffix,
+                                                            distinct_ids=plain.info["distinct_ids"],
+                                                            level_widths=widths):
+                    rows[variant.name] = measure(variant, task, args)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
         built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe, trained=trained)
@@ -238,6 +245,14 @@ def faiss_training_sample(pool: np.ndarray, limit: int, seed: int) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def widths_list(text: str) -> list[int]:
+    """'256,400,200' -> [256, 400, 200]; '' -> []."""
+    try:
+        return [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -275,6 +290,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codebook-weights", type=float, nargs="*", default=[],
                    help="ablation: also search the same GENIUS model with these codebook weights "
                         "(rows genius_cbW, genius_r_cbW)")
+    p.add_argument("--level-widths", type=int, nargs="*", default=[],
+                   help="GENIUS beam widths of the first code levels, then --beam (default: none, --beam "
+                        "throughout; e.g. 256 400 200)")
+    p.add_argument("--level-widths-rows", type=widths_list, nargs="*", default=[],
+                   help="ablation: also search the same GENIUS model with these first-level widths, each "
+                        "comma-separated ('' for none; rows genius_lwA-B-C, genius_r_lwA-B-C)")
     p.add_argument("--genius-index", type=Path,
                    help="folder of saved full-pool GENIUS fits (one per task): a fit of the same pool and "
                         "config found there is loaded instead of refitted, otherwise saved there")

@@ -160,6 +160,7 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
             index = GeniusIndex.load(saved)
             index.config.codebook_weight = config.codebook_weight
             index.config.beam_size = config.beam_size
+            index.config.level_widths = list(config.level_widths)
             log.info("GENIUS: loaded the fit saved in %s (fitted in %.0f s)", saved, previous["build_s"])
             plain, reranked = genius_methods(index, beam, previous["build_s"])
             return plain, reranked, index
@@ -175,9 +176,11 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
 
 
 def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float | None = None,
-                   suffix: str = "", distinct_ids: int | None = None) -> tuple[Built, Built]:
-    """(genius, genius_r) searching a fitted index; codebook_weight overrides the config's.
-    distinct_ids: the index's count of distinct IDs when known (a unique over every ID)."""
+                   suffix: str = "", distinct_ids: int | None = None,
+                   level_widths: list[int] | None = None) -> tuple[Built, Built]:
+    """(genius, genius_r) searching a fitted index; codebook_weight and level_widths override
+    the config's. distinct_ids: the index's count of distinct IDs when known (a unique over
+    every ID)."""
     from genius.rerank import cosine
 
     pool_size = len(index)
@@ -188,7 +191,7 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
 
     def beam_candidates(queries: np.ndarray) -> list[np.ndarray]:
         return [items for items, _ in index.candidates(np.ascontiguousarray(queries, dtype=np.float32), beam,
-                                                       codebook_weight=codebook_weight)]
+                                                       codebook_weight=codebook_weight, level_widths=level_widths)]
 
     def search_plain(queries: np.ndarray, k: int) -> np.ndarray:
         out = np.full((len(queries), k), -1, dtype=np.int64)
@@ -207,8 +210,9 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
         return out
 
     weight = index.config.codebook_weight if codebook_weight is None else codebook_weight
+    widths = list(index.config.level_widths if level_widths is None else level_widths)
     info = {"fit_config": _config_summary(index.config), "trie_bytes_per_item": round(trie_bytes, 2),
-            "model_bytes": int(model_bytes), "beam": beam, "codebook_weight": weight,
+            "model_bytes": int(model_bytes), "beam": beam, "level_widths": widths, "codebook_weight": weight,
             "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0))
                                 if distinct_ids is None else distinct_ids)}
     plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)

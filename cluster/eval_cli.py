@@ -74,6 +74,8 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--codebook-weight", type=float,
                    help="weight of the codes' own score beside the decoder's in the beam (default: 0, the "
                         "decoder alone; 100 was best on full-pool WordNet)")
+    p.add_argument("--level-widths", type=int, nargs="+", metavar="W",
+                   help="beam widths of the first code levels, then the beam (default: the beam throughout)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default: 1, fastest for these small models on a shared CPU)")
@@ -107,6 +109,8 @@ def _index_config(args: argparse.Namespace):
             cfg.decoder_training = replace(cfg.decoder_training, epochs=args.decoder_epochs)
         if args.codebook_weight is not None:
             cfg.codebook_weight = args.codebook_weight
+        if args.level_widths:
+            cfg.level_widths = list(args.level_widths)
         cfg.device = args.device
         return cfg
 

@@ -105,6 +105,15 @@ def _codebook_bonus(codebook_scores: tuple[torch.Tensor, torch.Tensor] | None, w
     return [torch.zeros(Q, NUM_MODALITIES, device=device)] + [levels[:, level] for level in range(L)]
 
 
+def step_width(step: int, num_levels: int, beam_size: int, level_widths: Sequence[int]) -> int:
+    """Prefixes kept after a step (0: the modality; l: semantic level l). The modality step
+    keeps as many as level 1 (at most 3 exist); the last level always keeps `beam_size`:
+    results have that many slots."""
+    if level_widths and step < min(len(level_widths) + 1, num_levels):
+        return level_widths[max(step, 1) - 1]
+    return beam_size
+
+
 @torch.no_grad()
 def beam_search(
     decoder: GeniusDecoder,
@@ -116,6 +125,7 @@ def beam_search(
     codebook_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
     codebook_weight: float = 0.0,
     trace: list[np.ndarray] | None = None,
+    level_widths: Sequence[int] = (),
 ) -> BeamResult:
     """Decode the `beam_size` most probable valid IDs for each query embedding (Q, D).
 
@@ -126,12 +136,16 @@ def beam_search(
     and code vectors; the code vectors' are added to the log-probabilities times
     `codebook_weight` (the modality step is left to the decoder). trace: a list
     that receives each step's (Q, width, step + 1) prefixes (-1 where a slot is empty), for
-    diagnosing where a target's prefix leaves the beam.
+    diagnosing where a target's prefix leaves the beam. level_widths: beam widths of the
+    first semantic levels (then `beam_size`): a wider beam where the early codes' scores
+    cannot yet tell the target's prefix from its neighbours'.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if any(w < 1 for w in level_widths):
+        raise ValueError(f"level_widths must be >= 1, got {list(level_widths)}")
     if trie.codec.num_levels != decoder.num_levels or trie.codec.codebook_size != decoder.codebook_size:
         raise ValueError("trie and decoder disagree on levels or codebook size")
     decoder.eval()
@@ -166,7 +180,7 @@ def beam_search(
         candidates = _log_probs(logits, mask_t, normalize).add_(beam_scores[..., None])
         if step_bonus is not None:
             candidates.add_(step_bonus[step][:, None, :])
-        keep = min(beam_size, width * n)
+        keep = min(step_width(step, L, beam_size, level_widths), width * n)
         top_scores, top_index = candidates.view(Q, -1).topk(keep, dim=-1)
         parent = (top_index // n).cpu().numpy()
         code = (top_index % n).cpu().numpy()

@@ -58,6 +58,8 @@ class IndexConfig:
     # products as logits) was best on full-pool WordNet (bench/results/peers.md), but it is
     # not the default yet: in a small universal (cross-modal) pool it lowered recall@1.
     codebook_weight: float = 0.0
+    # Beam widths of the first semantic levels (then beam_size); empty: beam_size throughout.
+    level_widths: list[int] = field(default_factory=list)
     ranges_per_modality: int = 1  # trie partitions per modality (by first semantic code)
     store_vectors: bool = True  # keep item embeddings (fp16) for re-ranking
     query_batch: int = 32  # queries decoded together
@@ -243,6 +245,7 @@ class GeniusIndex:
         target_modalities: Collection | Sequence[Collection] | None = None,
         rerank_with: str = "vectors",
         codebook_weight: float | None = None,
+        level_widths: Sequence[int] | None = None,
     ) -> SearchResult:
         """Top-k items per query.
 
@@ -251,7 +254,8 @@ class GeniusIndex:
         target_modalities: restrict results to these modalities (all queries, or one set
         each), by the items' stored modality; with the modality code the beam search is
         restricted to them from its first step. codebook_weight: the beam's weight of the
-        codes' own score (default: config.codebook_weight).
+        codes' own score (default: config.codebook_weight). level_widths: the beam's widths
+        at the first levels (default: config.level_widths).
         """
         if rerank_with not in RERANK_SOURCES:
             raise ValueError(f"rerank_with must be one of {RERANK_SOURCES}, got {rerank_with!r}")
@@ -260,7 +264,8 @@ class GeniusIndex:
         beam_size = beam_size or self.config.beam_size
         query_emb = self._check_queries(self.embed(queries))
         all_items, all_scores = [], []
-        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities, codebook_weight):
+        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities, codebook_weight,
+                                                      level_widths):
             ranking = self._rank(beams, chunk, k, rerank, rerank_with, wanted)
             all_items.append(ranking.items)
             all_scores.append(ranking.scores)
@@ -276,7 +281,8 @@ class GeniusIndex:
     @torch.no_grad()
     def candidates(self, query_emb: np.ndarray, beam_size: int | None = None,
                    target_modalities: Collection | Sequence[Collection] | None = None,
-                   codebook_weight: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                   codebook_weight: float | None = None,
+                   level_widths: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query embedding: the items its beam search found that pass the filters (not
         deleted, of a wanted modality), in beam order, with their beam log-probabilities. The
         first half of `search`, for callers that score the items elsewhere (the serving
@@ -284,7 +290,7 @@ class GeniusIndex:
         query_emb = self._check_queries(self.embed(query_emb))
         out = []
         for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities,
-                                                  codebook_weight):
+                                                  codebook_weight, level_widths):
             keep = self.item_filter(wanted)
             out.extend(candidates(beams, q, keep) for q in range(len(beams.items)))
         return out
@@ -295,7 +301,7 @@ class GeniusIndex:
         return query_emb
 
     def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities,
-                     codebook_weight: float | None = None):
+                     codebook_weight: float | None = None, level_widths: Sequence[int] | None = None):
         """(query chunk, its beams, its wanted-modality rows or None) per chunk of config.query_batch."""
         per_query = per_query_modalities(target_modalities, len(query_emb))
         wanted = None if per_query is None else _modality_rows(per_query)
@@ -306,17 +312,21 @@ class GeniusIndex:
             first_step = None
             if chunk_wanted is not None and self.quantizer.use_modality_code:
                 first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
-            yield chunk, self.beam(chunk, beam_size, first_step, codebook_weight), chunk_wanted
+            beams = self.beam(chunk, beam_size, first_step, codebook_weight, level_widths=level_widths)
+            yield chunk, beams, chunk_wanted
 
     def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None, codebook_weight: float | None = None,
-             trace: list | None = None):
+             trace: list | None = None, level_widths: Sequence[int] | None = None):
         """The trie-constrained beam search of one chunk of query embeddings, scored by the
-        decoder and, with a codebook weight (default: the config's), by the codes. `trace`: a
-        list that receives each step's prefixes (beam_search's)."""
+        decoder and, with a codebook weight (default: the config's), by the codes; wider at the
+        first levels as level_widths (default: the config's) says. `trace`: a list that receives
+        each step's prefixes (beam_search's)."""
         weight = self.config.codebook_weight if codebook_weight is None else codebook_weight
+        widths = self.config.level_widths if level_widths is None else level_widths
         scores = self.quantizer.code_scores(query_emb) if weight else None
         return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
-                           codebook_scores=scores, codebook_weight=weight, trace=trace)
+                           codebook_scores=scores, codebook_weight=weight, trace=trace,
+                           level_widths=widths)
 
     def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""

@@ -187,3 +187,52 @@ def test_trace_holds_every_steps_prefixes_ending_in_the_result():
         for q in range(len(queries)):
             earlier = {tuple(p) for p in before[q].tolist()}
             assert all(tuple(p[:-1]) in earlier for p in after[q].tolist() if p[0] >= 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exhaustive_early_widths_find_the_brute_force_best_with_a_beam_of_one(seed):
+    # Every prefix kept up to the last level: the last step scores every valid ID, so even a
+    # final beam of one returns the brute-force best of the combined score.
+    codes, modality, trie, decoder, queries = make_case(400 + seed, max_items=40)
+    ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
+    widths = [len(ids)] * codes.shape[1]
+    result = beam_search(decoder, trie, queries, beam_size=1, codebook_scores=scores, codebook_weight=2.0,
+                         level_widths=widths)
+    assert result.codes.shape == (len(queries), 1, 1 + codes.shape[1])
+    with torch.no_grad():
+        for q in range(len(queries)):
+            combined = brute_force_scores(decoder, queries[q : q + 1], ids, "allowed") + 2.0 * codebook_total(
+                scores, q, ids)
+            assert tuple(result.codes[q, 0].tolist()) == ids[int(combined.argmax())]
+            assert result.scores[q, 0] == pytest.approx(float(combined.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_level_widths_keep_that_many_prefixes_and_emit_only_valid_ids(seed):
+    codes, modality, trie, decoder, queries = make_case(500 + seed, max_items=200)
+    valid = {(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)}
+    widths = [9, 4, 12][: codes.shape[1]]
+    trace: list[np.ndarray] = []
+    result = beam_search(decoder, trie, queries, beam_size=5, level_widths=widths, trace=trace)
+    ids = [tuple(row) for row in codes_with_modality(codes, modality).tolist()]
+    for step in range(1, len(trace)):
+        wanted = widths[step - 1] if step < codes.shape[1] else 5  # the last level keeps beam_size
+        for q in range(len(queries)):
+            before = {tuple(p) for p in trace[step - 1][q].tolist() if p[0] >= 0}
+            children = {i[: step + 1] for i in ids if i[:step] in before}
+            live = {tuple(p) for p in trace[step][q].tolist() if p[0] >= 0}
+            assert live <= children and len(live) == min(wanted, len(children))
+    live = np.isfinite(result.scores)
+    assert {tuple(int(c) for c in row) for row in result.codes[live]} <= valid
+    assert result.codes.shape[1] == 5
+
+
+def codes_with_modality(codes: np.ndarray, modality: np.ndarray) -> np.ndarray:
+    return np.concatenate([modality[:, None], codes], axis=1)
+
+
+def test_rejects_bad_level_widths():
+    _, _, trie, decoder, queries = make_case(3)
+    with pytest.raises(ValueError, match="level_widths"):
+        beam_search(decoder, trie, queries, level_widths=[4, 0])
