@@ -180,7 +180,7 @@ def genius_config(num_items: int, args: argparse.Namespace):
                             dead_code_threshold=0.02 * args.quantizer_batch / cfg.quantizer.codebook_size)
     cfg.decoder_training = replace(cfg.decoder_training, epochs=args.decoder_epochs, batch_size=args.decoder_batch,
                                    lr=args.decoder_lr)
-    cfg.quantizer = replace(cfg.quantizer, seed=args.seed)
+    cfg.quantizer = replace(cfg.quantizer, seed=args.seed, refit_codebooks=args.refit_codebooks)
     cfg.decoder_training = replace(cfg.decoder_training, seed=args.seed)
     cfg.beam_size = args.beam
     if args.codebook_weight is not None:
@@ -282,6 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codebook-size", type=int, help="GENIUS codes per level K (default: IndexConfig.for_corpus)")
     p.add_argument("--quantizer-epochs", type=int, help="GENIUS stage-2 epochs (default: IndexConfig.for_corpus)")
     p.add_argument("--quantizer-batch", type=int, default=1024, help="GENIUS stage-2 batch (default 1024)")
+    p.add_argument("--refit-codebooks", action="store_true",
+                   help="GENIUS: re-run the codebooks' k-means on the trained projection "
+                        "(QuantizerConfig.refit_codebooks)")
     p.add_argument("--decoder-epochs", type=int, default=6, help="GENIUS stage-3 epochs (default 6)")
     p.add_argument("--decoder-batch", type=int, default=512, help="GENIUS stage-3 batch (default 512)")
     p.add_argument("--decoder-lr", type=float, default=3e-3, help="GENIUS stage-3 peak learning rate (default 3e-3)")
