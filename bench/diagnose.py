@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
                        help=f"as in bench/peers.py (default {value})")
+    p.add_argument("--level-widths", type=int, nargs="*", default=[],
+                   help="as in bench/peers.py: beam widths of the first levels (default: --beam throughout)")
+    p.add_argument("--refit-codebooks", action="store_true", help="as in bench/peers.py")
     p.add_argument("--progress", action="store_true", help="progress bars while GENIUS trains")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

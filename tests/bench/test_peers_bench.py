@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+import peers  # noqa: E402
 import peers_data  # noqa: E402
 import peers_methods  # noqa: E402
 import peers_report  # noqa: E402
@@ -150,6 +151,19 @@ def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task, tmp_path
     assert (cb_plain.name, cb_reranked.name) == ("genius_cb30", "genius_r_cb30")
     assert cb_plain.info["codebook_weight"] == 30.0 and plain.info["codebook_weight"] == cfg.codebook_weight
     assert _recall(cb_plain.search(task.test_queries, 10), task) > 10 * chance
+    # so does the widened-beam ablation; a beam as wide as every prefix finds no less than beam 10
+    widths = [len(index)] * (index.quantizer.num_levels - 1)
+    lw_plain, lw_reranked = peers_methods.genius_methods(index, 10, plain.build_s, suffix="_lwall", level_widths=widths)
+    assert (lw_plain.name, lw_reranked.name) == ("genius_lwall", "genius_r_lwall")
+    assert lw_plain.info["level_widths"] == widths and plain.info["level_widths"] == []
+    assert _recall(lw_reranked.search(task.test_queries, 10), task) >= r_rr - 0.02
+
+
+def test_level_widths_rows_parse_as_comma_separated_integers():
+    args = peers.parse_args(["--level-widths", "64", "32", "--level-widths-rows", "256,400,200", ""])
+    assert args.level_widths == [64, 32] and args.level_widths_rows == [[256, 400, 200], []]
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--level-widths-rows", "256,x"])
 
 
 def test_distractors_share_a_real_prefix_and_stay_near_their_item():
