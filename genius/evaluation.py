@@ -31,20 +31,20 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import json
 import logging
 import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from genius.embedding_cache import EmbeddingCache, content_id
+from genius.embedding_cache import EmbeddingCache
+from genius.eval_embedding import embed_tasks
+from genius.eval_report import KS, EvalReport, _short, describe
 from genius.index import GeniusIndex, IndexConfig
 from genius.items import Items
 from genius.metrics import exact_knn, recall_table
@@ -54,118 +54,10 @@ from genius.tasks import RetrievalTask, UniversalPool, concat_items, universal_p
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ABLATIONS", "EvalReport", "evaluate", "embed_tasks", "apply_ablation", "restrict_index"]
+__all__ = ["ABLATIONS", "EvalReport", "evaluate", "embed_tasks", "describe", "apply_ablation", "restrict_index"]
 
 ABLATIONS = ("no_contrastive", "no_modality_code", "no_query_augmentation", "no_mse", "no_index_task")
-KS = (1, 5, 10)
 IndexConfigLike = IndexConfig | Callable[[int], IndexConfig] | None
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-
-def _item_fields(task: RetrievalTask) -> tuple[str, ...]:
-    return ("train_queries", "train_candidates", "test_queries", "candidates")
-
-
-def embed_tasks(
-    tasks: Sequence[RetrievalTask],
-    encoder: Any = None,
-    embeddings: Mapping[str, np.ndarray] | None = None,
-    log_every: int = 5000,
-    cache: EmbeddingCache | None = None,
-) -> tuple[list[RetrievalTask], float]:
-    """The tasks with embeddings in all their `Items`; (tasks, seconds spent encoding).
-
-    Each key is embedded once (equal texts once); `embeddings` (key -> vector) and vectors
-    the Items already carry are used as they are. `cache` (by content, for this encoder)
-    serves what an earlier run embedded and keeps what this one embeds (saved at the end).
-    Needs `encoder` for anything else.
-    """
-    by_key: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float32) for k, v in (embeddings or {}).items()}
-    pending: dict[Modality, dict[str, tuple[Any, Any]]] = {m: {} for m in Modality}
-    for task in tasks:
-        for name in _item_fields(task):
-            items: Items = getattr(task, name)
-            if items.keys is None:
-                raise ValueError(f"{task.name}: {name} have no keys")
-            for i, key in enumerate(items.keys):
-                if key in by_key:
-                    continue
-                if items.embeddings is not None:
-                    by_key[key] = items.embeddings[i]
-                    continue
-                m = Modality(int(items.modality[i]))
-                if key not in pending[m]:
-                    text = items.texts[i] if items.texts is not None else None
-                    image = items.images[i] if items.images is not None else None
-                    pending[m][key] = (image, text)
-    ids: dict[str, str] = {}  # key -> content id, hashed once (images can be large)
-    if cache is not None:
-        for m, rows in pending.items():
-            ids.update((k, content_id(m, *rows[k])) for k in rows)
-            for k in rows:
-                vec = cache.get(ids[k])
-                if vec is not None:
-                    by_key[k] = vec
-            pending[m] = {k: v for k, v in rows.items() if k not in by_key}
-    todo = sum(len(p) for p in pending.values())
-    seconds = 0.0
-    if todo:
-        if encoder is None:
-            raise ValueError(f"{todo} items carry no embeddings: pass an encoder or embeddings")
-        t0 = time.perf_counter()
-        for m, rows in pending.items():
-            if rows:
-                vecs = _encode(encoder, m, list(rows.values()), log_every)
-                by_key.update(zip(rows, vecs))
-                if cache is not None:
-                    for k, vec in zip(rows, vecs):
-                        cache.put(ids[k], vec)
-        seconds = time.perf_counter() - t0
-        log.info("embedded %d items in %.1f s", todo, seconds)
-    if cache is not None:
-        cache.save()
-    out = []
-    for task in tasks:
-        changes = {}
-        for name in _item_fields(task):
-            items: Items = getattr(task, name)
-            if items.embeddings is None:
-                emb = np.stack([by_key[k] for k in items.keys]).astype(np.float32)
-                changes[name] = Items(texts=items.texts, images=items.images, embeddings=emb,
-                                      modality=items.modality, keys=items.keys)
-        out.append(replace(task, **changes) if changes else task)
-    return out, seconds
-
-
-def _encode(encoder: Any, modality: Modality, rows: list[tuple[Any, Any]], log_every: int) -> np.ndarray:
-    """Embed (image, text) rows of one modality: (N, D) float32; equal texts once."""
-    images = [r[0] for r in rows]
-    texts = [r[1] for r in rows]
-    if modality == Modality.TEXT:
-        unique = list(dict.fromkeys(texts))
-        log.info("embedding %d texts (%d distinct)", len(texts), len(unique))
-        vecs = _batched(lambda a, b: encoder.encode_text(unique[a:b]), len(unique), log_every, "texts")
-        where = {t: i for i, t in enumerate(unique)}
-        return vecs[[where[t] for t in texts]]
-    if modality == Modality.IMAGE:
-        log.info("embedding %d images", len(images))
-        return _batched(lambda a, b: encoder.encode_image(images[a:b]), len(images), log_every, "images")
-    log.info("embedding %d image-text pairs", len(rows))
-    return _batched(lambda a, b: encoder.encode_pair(images[a:b], texts[a:b]), len(rows), log_every, "pairs")
-
-
-def _batched(fn: Callable[[int, int], Any], n: int, log_every: int, what: str) -> np.ndarray:
-    parts, done = [], 0
-    for a in range(0, n, log_every):
-        b = min(n, a + log_every)
-        v = fn(a, b)
-        parts.append(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-        done = b
-        if n > log_every:
-            log.info("  %s: %d/%d", what, done, n)
-    return np.concatenate(parts).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -289,15 +181,14 @@ def _search(index: GeniusIndex, query_emb: np.ndarray, beam: int, k: int,
     batch = index.config.query_batch
     device = index.config.device
     vectors = lambda items: index.vectors[items].astype(np.float32)  # noqa: E731
-    rebuild = lambda items: index.quantizer.decode(torch.from_numpy(index.item_codes(items))).cpu().numpy()  # noqa: E731
     with torch.no_grad():
         for start in range(0, len(query_emb), batch):
             chunk = query_emb[start : start + batch]
             beams = index.beam(torch.from_numpy(chunk).to(device), beam)
             out["GENIUS"].extend(rank(beams, k).as_lists())
             out["GENIUS+R"].extend(rank(beams, k, chunk, vectors).as_lists())
-            projected = index.quantizer.project(torch.from_numpy(chunk).to(device)).cpu().numpy()
-            out[RERANK_CODES].extend(rank(beams, k, projected, rebuild).as_lists())
+            projected = index.projected_queries(torch.from_numpy(chunk).to(device))
+            out[RERANK_CODES].extend(rank(beams, k, projected, index.rebuilt_vectors).as_lists())
             if item_modality is not None:
                 for q in range(len(chunk)):
                     items = np.array([i for i, _ in beams.ranked_items(q)], dtype=np.int64)
@@ -323,224 +214,6 @@ def _modality_hits(ranked: list[list[int]], modality: np.ndarray, wanted: Modali
     if not ranked:
         return 0.0
     return float(sum(int(modality[i]) == int(wanted) for i in tops) / len(ranked))
-
-
-# ----------------------------------------------------------------------------- report
-
-
-@dataclass
-class EvalReport:
-    """Results of `evaluate`. `results` rows: task, method, model, pool, fit, ablation, beam,
-    recall@1/5/10, ratio@1/5/10 (to exact kNN on the same pool), ms_per_query, and for
-    mixed pools top1_modality (share of queries whose top item has the task's modality).
-    Methods: "exact kNN", "GENIUS", "GENIUS+R", "GENIUS+R (codes)" and, on mixed pools,
-    "GENIUS+R (decoded modality)" (see `_search`)."""
-
-    tasks: list[dict[str, Any]]
-    results: list[dict[str, Any]]
-    beam_curves: dict[str, dict[str, dict[str, float]]]  # task -> curve label -> {beam: recall@10}
-    fits: list[dict[str, Any]]
-    timings: dict[str, Any]
-    meta: dict[str, Any]
-    universal: dict[str, Any] | None = None
-    indexes: dict[str, GeniusIndex] = field(default_factory=dict, repr=False)  # fit name -> pool index (not saved)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "tasks": self.tasks, "universal": self.universal, "results": self.results,
-                "beam_curves": self.beam_curves, "fits": self.fits, "timings": self.timings}
-
-    def to_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "EvalReport":
-        d = json.loads(Path(path).read_text())
-        return cls(tasks=d["tasks"], results=d["results"], beam_curves=d["beam_curves"], fits=d["fits"],
-                   timings=d["timings"], meta=d["meta"], universal=d.get("universal"))
-
-    def rows(self, task: str, **where: Any) -> list[dict[str, Any]]:
-        return [r for r in self.results if r["task"] == task and all(r.get(k) == v for k, v in where.items())]
-
-    def get(self, task: str, method: str, model: str = "task", pool: str = "task", ablation: str = "full",
-            beam: int | None = None) -> dict[str, Any]:
-        """One result row (beam: the main beam unless given; kNN rows have beam None)."""
-        if beam is None and method != "exact kNN":
-            beam = self.meta["main_beam"]
-        for r in self.results:
-            if (r["task"], r["method"], r["model"], r["pool"], r["ablation"], r["beam"]) == (
-                    task, method, model, pool, ablation, beam):
-                return r
-        raise KeyError((task, method, model, pool, ablation, beam))
-
-    # --- Markdown ----------------------------------------------------------------------
-    def to_markdown(self, path: str | os.PathLike | None = None) -> str:
-        m = self.meta
-        lines = [f"# GENIUS evaluation: {m.get('title') or ', '.join(t['name'] for t in self.tasks)}", ""]
-        lines += [
-            f"- encoder: {m.get('encoder')}",
-            f"- main beam {m['main_beam']}, beams {m['beams']}, k = 10, seed {m['seed']}; "
-            f"GENIUS = beam order; GENIUS+R = beam items re-ranked by cosine similarity with the stored "
-            f"item embeddings; GENIUS+R (codes) = re-ranked in the quantizer's learned space (projected "
-            f"query vs vectors rebuilt from the IDs); GENIUS+R (decoded modality, mixed pools) = "
-            f"items of the best beam's modality re-ranked first; exact kNN = flat inner product over "
-            f"the same pool and embeddings; ratio = recall / kNN recall on the same pool.",
-            f"- {m.get('created')}, {m.get('machine')}, torch threads {m.get('torch_threads')}; "
-            f"total {self.timings.get('total_seconds', 0):.0f} s (embedding {self.timings.get('embed_seconds', 0):.0f} s)",
-            "",
-        ]
-        if self.universal:
-            u = self.universal
-            lines += [f"Universal pool `{u['name']}`: {u['candidates']} candidates {u['by_modality']}, "
-                      f"{u['train_queries']} training pairs from {len(u['tasks'])} tasks; searched with no "
-                      f"modality filter (the first decoded code chooses the modality); queries "
-                      + ("carry an instruction naming the target modality (text queries: a prefix such as "
-                         f"'{u['instruction_templates']['text query prefix']['image']}'; image queries become "
-                         f"(image, '{u['instruction_templates']['image query text']['text']}')-style pairs)."
-                         if u.get("instructions") else "carry no instruction."), ""]
-        for t in self.tasks:
-            name = t["name"]
-            lines += [f"## {name}", "",
-                      f"{t['query_modality']} → {t['candidate_modality']}; pool {t['candidates']}, "
-                      f"{t['test_queries']} test queries, {t['train_queries']} training pairs "
-                      f"({t['train_candidates']} training candidates); relevant per query: mean "
-                      f"{t['relevant_per_query']['mean']:.1f}; recall@1/5/10 of a random ranking "
-                      f"{_chance(t)}.", "",
-                      f"Relevance: {t['relevance_rule']}", ""]
-            main = [r for r in self.rows(name, ablation="full")
-                    if r["beam"] in (None, m["main_beam"])]
-            lines += ["| method | model | pool | beam | R@1 | R@5 | R@10 | R@1/kNN | R@5/kNN | R@10/kNN "
-                      "| top-1 modality | ms/query |",
-                      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in main:
-                lines.append("| " + " | ".join([
-                    r["method"], r["model"], r["pool"], "" if r["beam"] is None else str(r["beam"]),
-                    *(f"{r[f'recall@{k}']:.3f}" for k in KS),
-                    *(_fmt(r.get(f"ratio@{k}")) for k in KS),
-                    _fmt(r.get("top1_modality")), _fmt(r.get("ms_per_query"), 1)]) + " |")
-            lines.append("")
-            curves = self.beam_curves.get(name, {})
-            if curves:
-                beams = sorted({int(b) for c in curves.values() for b in c})
-                labels = list(curves)
-                lines += ["Recall@10 against beam size:", "",
-                          "| beam | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
-                for b in beams:
-                    lines.append(f"| {b} | " + " | ".join(_fmt(curves[lb].get(str(b))) for lb in labels) + " |")
-                lines.append("")
-            abl = [r for r in self.results if r["task"] == name and r["method"] != "exact kNN"
-                   and r["beam"] == m["main_beam"] and r["model"] in ("task", "universal")]
-            if self._has_ablations() and abl:
-                lines += [f"Ablations (refit, beam {m['main_beam']}):", "",
-                          "| ablation | method | model | pool | R@1 | R@5 | R@10 | R@10/kNN |",
-                          "|---|---|---|---|---:|---:|---:|---:|"]
-                order = ["full", *m.get("ablations", [])]
-                for a in order:
-                    for r in abl:
-                        if r["ablation"] == a:
-                            lines.append(f"| {a} | {r['method']} | {r['model']} | {r['pool']} | "
-                                         + " | ".join(f"{r[f'recall@{k}']:.3f}" for k in KS)
-                                         + f" | {_fmt(r.get('ratio@10'))} |")
-                lines.append("")
-        lines += ["## Fits", "",
-                  "| fit | items | pairs | L × K | ID bytes | decoder (layers/d/heads/ff/P) | epochs (q/d) "
-                  "| flags | code 0 values | pool IDs | fit s |",
-                  "|---|---:|---:|---|---:|---|---|---|---|---:|---:|"]
-        for f in self.fits:
-            s = f["sizes"]
-            d = s["decoder"]
-            flags = ", ".join(x for x, on in (
-                ("contrastive", s["use_contrastive"]), ("modality code", s["use_modality_code"]),
-                ("mse", s["mse_weight"] > 0), ("q-aug quantizer", s["quantizer_query_augmentation"]),
-                ("q-aug decoder", s["decoder_query_augmentation"]), ("index task", s["index_task"])) if on)
-            lines.append(f"| {f['name']} | {f['items_indexed']} | {f['train_pairs']} | {s['levels']} × "
-                         f"{s['codebook_size']} | {s['id_bytes']} | {d['layers']}/{d['d_model']}/{d['heads']}/"
-                         f"{d['d_ff']}/{d['prefix_len']} | {s['quantizer_epochs']}/{s['decoder_epochs']} | {flags} | "
-                         f"{f['code0_values']} | {f['pool_distinct_ids']} / {f['pool_items']} | {f['fit_seconds']:.0f} |")
-        lines.append("")
-        text = "\n".join(lines)
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(Path(path), text)
-        return text
-
-    def _has_ablations(self) -> bool:
-        return bool(self.meta.get("ablations"))
-
-    # --- plot --------------------------------------------------------------------------
-    def plot_beam(self, path: str | os.PathLike) -> Path:
-        """recall@10 against beam size, one panel per task (kNN as dashed lines)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = [t["name"] for t in self.tasks]
-        cols = min(3, max(1, len(names)))
-        rows = -(-len(names) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-        for ax, name in zip(axes.flat, names):
-            for label, curve in self.beam_curves.get(name, {}).items():
-                beams = sorted(int(b) for b in curve)
-                ax.plot(beams, [curve[str(b)] for b in beams], marker="o", label=label,
-                        linestyle="-" if "+R" in label else "--")
-            for r in self.rows(name, method="exact kNN", ablation="full"):
-                ax.axhline(r["recall@10"], color="grey", linestyle=":", linewidth=1)
-                who = "" if r["model"] == "-" else f", {r['model']}"
-                ax.annotate(f"kNN ({r['pool']} pool{who})", (1, r["recall@10"]), fontsize=7, color="grey",
-                            xytext=(2, 2), textcoords="offset points")
-            ax.set_xscale("log")
-            ticks = sorted({int(b) for c in self.beam_curves.get(name, {}).values() for b in c})
-            if ticks:
-                ax.set_xticks(ticks)
-                ax.set_xticklabels([str(b) for b in ticks])
-                ax.minorticks_off()
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("beam size")
-            ax.set_ylabel("recall@10")
-            ax.set_ylim(0, 1.02)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
-        for ax in list(axes.flat)[len(names):]:
-            ax.set_visible(False)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
-
-
-def _chance(task: Mapping[str, Any]) -> str:
-    return " / ".join(_fmt(task.get(f"chance_recall@{k}")) or "?" for k in KS)
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return ""
-    return f"{v:.{digits}f}"
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -732,19 +405,3 @@ def evaluate(
     log.info("evaluation done in %.0f s", total)
     return EvalReport(tasks=[t.summary() for t in tasks], results=results, beam_curves=curves, fits=fits,
                       timings=timings, meta=meta, universal=universal_summary, indexes=kept)
-
-
-def _short(table: Mapping[str, float]) -> str:
-    return ", ".join(f"R@{k.split('@')[1]} {v:.3f}" for k, v in table.items())
-
-
-def describe(report: EvalReport) -> str:
-    """A one-screen text summary (main beam, full configs) for logs and the CLI."""
-    lines = []
-    for t in report.tasks:
-        for r in report.rows(t["name"], ablation="full"):
-            if r["beam"] in (None, report.meta["main_beam"]):
-                lines.append(f"{t['name']:32s} {r['method']:27s} {r['model']:22s} {r['pool']:9s} "
-                             f"R@1 {r['recall@1']:.3f} R@5 {r['recall@5']:.3f} R@10 {r['recall@10']:.3f}")
-    return "\n".join(lines)
-

@@ -352,9 +352,15 @@ class GeniusIndex:
             vectors = self.vectors
             return rank(beams, k, query.cpu().numpy(), lambda items: vectors[items].astype(np.float32), keep=keep)
         # Rebuilt vectors live in the quantizer's projected space: compare the projected query.
-        projected = self.quantizer.project(query).cpu().numpy()
-        rebuild = lambda items: self.quantizer.decode(torch.from_numpy(self.item_codes(items))).cpu().numpy()  # noqa: E731
-        return rank(beams, k, projected, rebuild, keep=keep)
+        return rank(beams, k, self.projected_queries(query), self.rebuilt_vectors, keep=keep)
+
+    def projected_queries(self, query_emb: torch.Tensor) -> np.ndarray:
+        """Query embeddings in the quantizer's projected space, where `rebuilt_vectors` live."""
+        return self.quantizer.project(query_emb).cpu().numpy()
+
+    def rebuilt_vectors(self, items: np.ndarray) -> np.ndarray:
+        """The items' vectors rebuilt from their IDs (the codes' reconstruction, projected space)."""
+        return self.quantizer.decode(torch.from_numpy(self.item_codes(items))).cpu().numpy()
 
     # ------------------------------------------------------------------ storage
     def save(self, directory: str | os.PathLike) -> Path:
