@@ -103,7 +103,9 @@ def genius_recall(index: Any, queries: np.ndarray, relevance: list[np.ndarray], 
 
 
 def fit(task: peers_data.PoolTask, args: argparse.Namespace, epochs: int | None = None,
-        pairs: float = 1.0) -> tuple[Any, float]:
+        pairs: float = 1.0, saved: Path | None = None) -> tuple[Any, float]:
+    """(fitted index, training pairs used); `saved`: a folder to load the fit from or save it to
+    (bench/peers.py's --genius-index)."""
     cfg = peers.genius_config(len(task.pool), args)
     if epochs is not None:
         cfg.decoder_training = replace(cfg.decoder_training, epochs=epochs)
@@ -112,7 +114,7 @@ def fit(task: peers_data.PoolTask, args: argparse.Namespace, epochs: int | None 
         rows = np.sort(np.random.default_rng(args.seed).choice(rows, int(pairs * len(rows)), replace=False))
     _, _, index = peers_methods.build_genius(task.pool, task.pool_modality, task.train_queries[rows],
                                              task.train_targets[rows], int(task.query_modality), cfg, args.beam,
-                                             progress=args.progress)
+                                             progress=args.progress, saved=saved)
     return index, len(rows)
 
 
@@ -124,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also refit with these decoder epochs and report recall@10 (e.g. 2 12)")
     p.add_argument("--grid-pairs", type=float, nargs="*", default=[],
                    help="also refit with these shares of the training pairs (e.g. 0.25 0.5)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of diagnose.{json,md}")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder of the results")
+    p.add_argument("--name", default="diagnose", help="results file name, NAME.{json,md} (default diagnose)")
+    p.add_argument("--genius-index", type=Path,
+                   help="as in bench/peers.py: load the main fit from this folder (the same pool and config) "
+                        "or save it there; a full-pool fit saved by bench/peers.py is diagnosed in minutes")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     # The task and the fit: bench/peers.py's options, with its defaults.
     defaults = peers.parse_args(["--tasks", "wordnet"])
@@ -148,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     task = peers.load_tasks("wordnet", args)[0]
     if args.pool:
         task = task.subset(args.pool, args.seed)
-    index, num_pairs = fit(task, args)
+    saved = None
+    if args.genius_index is not None:
+        saved = args.genius_index / ("wordnet" if not args.pool else f"wordnet-{args.pool}")
+        saved.mkdir(parents=True, exist_ok=True)
+    index, num_pairs = fit(task, args, saved=saved)
     targets = relevant_codes(index, task.relevance)
     rng = np.random.default_rng(args.seed)
     train_rows = np.sort(rng.choice(len(task.train_targets), min(args.train_sample, len(task.train_targets)),
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": " ".join(["python bench/diagnose.py", *sys.argv[1:]]), "task": task.summary(),
         "levels": int(index.quantizer.num_levels), "codebook_size": int(index.quantizer.codebook_size),
-        "beam": args.beam, "train_pairs": num_pairs,
+        "beam": args.beam, "level_widths": list(index.config.level_widths), "train_pairs": num_pairs,
         "beam_survival": {
             "decoder": beam_survival(index, task.test_queries, targets, args.beam, 0.0),
             "codes_only": beam_survival(index, task.test_queries, targets, args.beam, DOMINANT),
@@ -173,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         "genius_codes_only_test": genius_recall(index, task.test_queries, task.relevance, args.beam, DOMINANT),
         "grid": [],
     }
+    if args.codebook_weight:  # the beam as searched: decoder + codes, with the fit's level widths
+        result["codebook_weight"] = args.codebook_weight
+        result["beam_survival"]["combined"] = beam_survival(index, task.test_queries, targets, args.beam,
+                                                            args.codebook_weight)
+        result["genius_combined_test"] = genius_recall(index, task.test_queries, task.relevance, args.beam,
+                                                       args.codebook_weight)
     log.info("%s", {k: v for k, v in result.items() if k not in ("task", "command")})
     for epochs in args.grid_epochs:
         refit, n = fit(task, args, epochs=epochs)
@@ -188,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         result["grid"].append({"decoder_epochs": args.decoder_epochs, "pairs": num_pairs, **result["genius_test"]})
     result["total_s"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "diagnose.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out / "diagnose.md").write_text(markdown(result), encoding="utf-8")
-    log.info("wrote %s (%.0f s)", args.out / "diagnose.json", result["total_s"])
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out / f"{args.name}.md").write_text(markdown(result), encoding="utf-8")
+    log.info("wrote %s (%.0f s)", args.out / f"{args.name}.json", result["total_s"])
     return 0
 
 
@@ -200,12 +216,14 @@ def markdown(r: dict[str, Any]) -> str:
     steps = ["modality"] + [f"level {i}" for i in range(1, levels + 1)]
     lines = [f"# Where GENIUS loses the target (`{r['command']}`)", "",
              f"WordNet definition -> synset, pool {s['pool']:,}, {s['test_queries']} held-out queries, "
-             f"{r['train_pairs']:,} training pairs; {levels} levels x {r['codebook_size']} codes; beam {r['beam']}.", "",
+             f"{r['train_pairs']:,} training pairs; {levels} levels x {r['codebook_size']} codes; beam {r['beam']}"
+             + (f", widths {r['level_widths']} at the first levels" if r.get("level_widths") else "") + ".", "",
              "## A relevant ID's prefix still in the beam after each step", "",
              "| beam | " + " | ".join(steps) + " |", "|---|" + "---:|" * len(steps)]
     names = {"decoder": "decoder, held-out queries", "codes_only": "codes alone, held-out queries",
-             "decoder_train_queries": "decoder, training queries"}
-    for key, label in names.items():
+             "decoder_train_queries": "decoder, training queries",
+             "combined": f"decoder + {r.get('codebook_weight', 0):g} x codes, held-out queries"}
+    for key, label in ((k, v) for k, v in names.items() if k in r["beam_survival"]):
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in r["beam_survival"][key]) + " |")
     lines += ["", "## The query's own code shares the target's first l codes", "",
               "| queries | " + " | ".join(f"l={i}" for i in range(1, levels + 1)) + " |", "|---|" + "---:|" * levels,
@@ -214,8 +232,12 @@ def markdown(r: dict[str, Any]) -> str:
               "## Recall", "", "| ranking | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|"]
     for key, label in (("genius_test", "GENIUS, held-out queries"), ("genius_train", "GENIUS, training queries"),
                        ("genius_codes_only_test", "beam scored by the codes alone, held-out"),
+                       ("genius_combined_test", f"beam scored by decoder + {r.get('codebook_weight', 0):g} x codes, "
+                                                "held-out"),
                        ("codes_exhaustive", "every ID ranked by the codes' score (exhaustive), held-out")):
-        v = r[key]
+        v = r.get(key)
+        if v is None:
+            continue
         lines.append(f"| {label} | {v['r1']:.3f} | {v['r5']:.3f} | {v['r10']:.3f} |")
     if r["grid"]:
         lines += ["", "## Recall against decoder epochs and training pairs (held-out)", "",
