@@ -55,8 +55,11 @@ class IndexConfig:
     # Weight of the quantizer's own score (projected query . an ID's code vectors, summed)
     # beside the decoder's log-probabilities in the beam; 0: the decoder alone (the paper).
     # 100 (= 1/temperature of the quantizer's contrastive loss, which trains these inner
-    # products as logits) was best on full-pool WordNet (bench/results/peers.md), but it is
-    # not the default yet: in a small universal (cross-modal) pool it lowered recall@1.
+    # products as logits) was best on full-pool WordNet (bench/results/peers.md) and on the
+    # generated corpus (R@1 0.13 -> 0.46), but it is not the default: the codes' scores do not
+    # compare across modalities, so in a universal (mixed) pool the beam admits items of the
+    # query's own modality and cosine re-ranking puts them first (tests/genius/test_evaluation.py,
+    # text -> image GENIUS+R recall@1 0.0 with 100).
     codebook_weight: float = 0.0
     # Beam widths of the first semantic levels (then beam_size); empty: beam_size throughout.
     level_widths: list[int] = field(default_factory=list)
