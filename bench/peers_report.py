@@ -14,28 +14,53 @@ METHOD_ORDER = ("flat", "genius", "genius_r", "pq12", "pq12_rr100", "opq12", "op
                 "rq8x12", "rq8x12_rr100")
 
 
+ACCURACY_KEYS = ("r1", "r5", "r10", "pool_share_rescored")
+
+
 def write(results: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / f"{name}.json", json.dumps(results, indent=2, default=_default) + "\n")
     _atomic(out / f"{name}.md", markdown(results, name))
     if name == "peers":
-        _atomic(out / "accuracy.json", json.dumps(accuracy(results), indent=2, default=_default) + "\n")
+        write_accuracy(results, out)
     plots(results, out, name)
 
 
-def accuracy(results: dict[str, Any]) -> dict[str, Any]:
+def write_accuracy(results: dict[str, Any], out: Path, extra_runs: dict[str, dict[str, Any]] | None = None) -> Path:
+    path = out / "accuracy.json"
+    _atomic(path, json.dumps(accuracy(results, extra_runs), indent=2, default=_default) + "\n")
+    return path
+
+
+def accuracy(results: dict[str, Any], extra_runs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The accuracy issue's record: per task, GENIUS's variants and the faiss rows for reference,
-    each {r1, r5, r10, pool_share_rescored}."""
-    keep = ("r1", "r5", "r10", "pool_share_rescored")
+    each {r1, r5, r10, pool_share_rescored}. extra_runs ({run name: its results}): GENIUS-only
+    runs on the same split (e.g. another fit shape, searched from a saved fit); their variants
+    join as "RUN/variant", with each run's command and fit under "runs"."""
     out: dict[str, Any] = {"command": results["meta"]["command"], "created": results["meta"]["created"], "tasks": {}}
     for task, t in results["tasks"].items():
         rows = t["methods"]
         out["tasks"][task] = {
             "pool": t["summary"]["pool"],
-            "variants": {m: {k: rows[m].get(k) for k in keep} for m in _ordered(rows) if m.startswith("genius")},
-            "faiss": {m: {k: rows[m][k] for k in keep[:3]} for m in _ordered(rows) if not m.startswith("genius")},
+            "variants": _variants(rows),
+            "faiss": {m: {k: rows[m][k] for k in ACCURACY_KEYS[:3]} for m in _ordered(rows)
+                      if not m.startswith("genius")},
         }
+    for run, extra in (extra_runs or {}).items():
+        out.setdefault("runs", {})[run] = {"command": extra["meta"]["command"], "created": extra["meta"]["created"]}
+        for task, t in extra["tasks"].items():
+            if task not in out["tasks"] or t["summary"] != results["tasks"][task]["summary"]:
+                raise ValueError(f"{run}: task {task!r} is not the same split as the base run's")
+            variants = _variants(t["methods"])
+            out["tasks"][task]["variants"].update({f"{run}/{m}": v for m, v in variants.items()})
+            genius = t["methods"].get("genius", {})  # the run's main GENIUS row: its fit and beam
+            out["runs"][run].update({k: genius.get(k) for k in ("fit_config", "beam", "codebook_weight",
+                                                                  "level_widths")})
     return out
+
+
+def _variants(rows: dict[str, Any]) -> dict[str, Any]:
+    return {m: {k: rows[m].get(k) for k in ACCURACY_KEYS} for m in _ordered(rows) if m.startswith("genius")}
 
 
 def _ordered(methods: dict[str, Any]) -> list[str]:
@@ -179,8 +204,24 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-if __name__ == "__main__":  # re-render peers.md and the plots from a peers.json
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    import argparse
 
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/peers.json")
-    write(json.loads(source.read_text(encoding="utf-8")), source.parent, source.stem)
+    p = argparse.ArgumentParser(description="Re-render a bench/peers.py result's Markdown and plots from its JSON; "
+                                            "with --also, rewrite accuracy.json from it and GENIUS-only runs.")
+    p.add_argument("source", nargs="?", type=Path, default=Path("bench/results/peers.json"),
+                   help="a results JSON of bench/peers.py (default bench/results/peers.json)")
+    p.add_argument("--also", type=Path, nargs="*", default=[],
+                   help="GENIUS-only results JSONs on the same split: their variants join accuracy.json as "
+                        "'<file stem>/<variant>'")
+    args = p.parse_args(argv)
+    results = json.loads(args.source.read_text(encoding="utf-8"))
+    write(results, args.source.parent, args.source.stem)
+    if args.also:
+        extra = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in args.also}
+        write_accuracy(results, args.source.parent, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -203,6 +203,26 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
     assert "0.100 %" in md and "fashion: not installed" in md
     for plot in ("peers_recall_qps.png", "peers_curve.png", "peers_scale.png"):
         assert (tmp_path / plot).stat().st_size > 5000
+    acc = json.loads((tmp_path / "accuracy.json").read_text())["tasks"]["generated"]
+    assert acc["variants"] == {"genius_r": {"r1": 0.5, "r5": 0.7, "r10": 0.8, "pool_share_rescored": 0.001}}
+    assert set(acc["faiss"]) == {"flat", "pq12"}
+    # a GENIUS-only run on the same split joins accuracy.json under its name ...
+    other = {"meta": {"command": "python bench/peers.py --levels 12", "created": "later"},
+             "tasks": {"generated": {"summary": task.summary(), "methods": {
+                 "genius": {**row, "r5": 0.75, "fit_config": {"levels": 12}, "beam": 50, "level_widths": [8]}}}}}
+    peers_report.main([str(tmp_path / "peers.json"), "--also", str(_write(tmp_path / "deep.json", other))])
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    assert acc["tasks"]["generated"]["variants"]["deep/genius"]["r5"] == 0.75
+    assert acc["runs"]["deep"]["fit_config"] == {"levels": 12} and acc["runs"]["deep"]["level_widths"] == [8]
+    # ... and one of another split is refused
+    other["tasks"]["generated"]["summary"] = {**task.summary(), "seed": 99}
+    with pytest.raises(ValueError, match="same split"):
+        peers_report.accuracy(results, {"odd": other})
+
+
+def _write(path: Path, obj: dict) -> Path:
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
 
 
 def test_peers_command_help_names_every_option():
