@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 import peers_data  # noqa: E402
+import peers_methods  # noqa: E402
 
 log = logging.getLogger("bench.codebooks")
 VARIANTS = {
@@ -96,13 +97,8 @@ def genius_codes(task: peers_data.PoolTask, levels: int, codebook_size: int, var
 
 def faiss_rq(task: peers_data.PoolTask, levels: int, codebook_size: int, args: argparse.Namespace) -> dict[str, Any]:
     """faiss's residual quantizer at the same shape, trained on the same pool, greedy encoding."""
-    import faiss
-
     bits = int(math.log2(codebook_size))
-    index = faiss.IndexResidualQuantizer(task.pool.shape[1], levels, bits, faiss.METRIC_INNER_PRODUCT,
-                                         faiss.AdditiveQuantizer.ST_LUT_nonorm)
-    index.rq.max_beam_size = 1  # greedy, as GENIUS encodes
-    index.rq.cp.niter = 10
+    index = peers_methods.residual_quantizer(task.pool.shape[1], levels, bits, encode_beam=1)  # greedy, as GENIUS
     pool = np.ascontiguousarray(task.pool, dtype=np.float32)
     sample = peers.faiss_training_sample(pool, args.faiss_train, args.seed)
     t0 = time.perf_counter()

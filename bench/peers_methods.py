@@ -76,11 +76,19 @@ def faiss_index(name: str, dim: int, num_items: int, nprobe: int):
         index.nprobe = min(nprobe, nlist)
         return index
     if name == "rq8x12":
-        index = faiss.IndexResidualQuantizer(dim, 8, RQ_BITS, ip, faiss.AdditiveQuantizer.ST_LUT_nonorm)
-        index.rq.max_beam_size = 5  # faiss's default encoding beam
-        index.rq.cp.niter = 10  # k-means iterations per level (faiss: 25): the 4096-code levels dominate the build
-        return index
+        return residual_quantizer(dim, 8, RQ_BITS, encode_beam=5)  # faiss's default encoding beam
     raise ValueError(f"unknown faiss method {name!r}: choose from {FAISS_METHODS}")
+
+
+def residual_quantizer(dim: int, levels: int, bits: int, encode_beam: int):
+    """An untrained faiss residual quantizer (inner product): `levels` codebooks of 2**bits."""
+    import faiss
+
+    index = faiss.IndexResidualQuantizer(dim, levels, bits, faiss.METRIC_INNER_PRODUCT,
+                                         faiss.AdditiveQuantizer.ST_LUT_nonorm)
+    index.rq.max_beam_size = encode_beam
+    index.rq.cp.niter = 10  # k-means iterations per level (faiss: 25): the 4096-code levels dominate the build
+    return index
 
 
 def ivf_lists(num_items: int) -> int:
