@@ -125,7 +125,9 @@ def markdown(results: dict[str, Any], name: str) -> str:
         methods = list(dict.fromkeys(c["method"] for c in results["scale"]))
         lines += ["## Latency against corpus size (ms per query, batch of 1)", "",
                   "WordNet's items plus distractors (IDs and vectors drawn near real items'); GENIUS searches the "
-                  "store's memory-mapped index.", "",
+                  "store's memory-mapped index."
+                  + (f" From a separate run: `{results['meta']['scale_command']}`."
+                     if results["meta"].get("scale_command") else ""), "",
                   "| method | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
         for meth in methods:
             by_n = {c["n"]: c["ms_per_query"] for c in results["scale"] if c["method"] == meth}
@@ -214,8 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also", type=Path, nargs="*", default=[],
                    help="GENIUS-only results JSONs on the same split: their variants join accuracy.json as "
                         "'<file stem>/<variant>'")
+    p.add_argument("--scale-from", type=Path,
+                   help="take the latency curve (\"scale\") from this run's JSON (a `--methods genius --scale` "
+                        "run on a saved fit), recording its command as meta.scale_command")
     args = p.parse_args(argv)
     results = json.loads(args.source.read_text(encoding="utf-8"))
+    if args.scale_from is not None:
+        scaled = json.loads(args.scale_from.read_text(encoding="utf-8"))
+        if not scaled.get("scale"):
+            raise SystemExit(f"{args.scale_from} holds no latency curve")
+        results["scale"] = scaled["scale"]
+        results["meta"]["scale_command"] = scaled["meta"]["command"]
     write(results, args.source.parent, args.source.stem)
     if args.also:
         extra = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in args.also}

@@ -218,6 +218,13 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
     other["tasks"]["generated"]["summary"] = {**task.summary(), "seed": 99}
     with pytest.raises(ValueError, match="same split"):
         peers_report.accuracy(results, {"odd": other})
+    # the latency curve of a separate run joins the base results, its command named
+    curve = {"meta": {"command": "python bench/peers.py --scale 1e4"}, "scale": [
+        {"n": 10**4, "method": "genius", "ms_per_query": 80.0}, {"n": 10**4, "method": "flat", "ms_per_query": 1.0}]}
+    peers_report.main([str(tmp_path / "peers.json"), "--scale-from", str(_write(tmp_path / "curve.json", curve))])
+    merged = json.loads((tmp_path / "peers.json").read_text())
+    assert merged["scale"] == curve["scale"] and merged["meta"]["scale_command"] == "python bench/peers.py --scale 1e4"
+    assert "From a separate run: `python bench/peers.py --scale 1e4`" in (tmp_path / "peers.md").read_text()
 
 
 def _write(path: Path, obj: dict) -> Path:
