@@ -14,7 +14,7 @@ import numpy as np
 from genius.atomic import write_atomic
 from genius.index import GeniusIndex
 
-__all__ = ["KS", "EvalReport", "describe"]
+__all__ = ["KS", "EvalReport", "describe", "recall_line"]
 
 KS = (1, 5, 10)
 
@@ -232,7 +232,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _short(table: Mapping[str, float]) -> str:
+def recall_line(table: Mapping[str, float]) -> str:
+    """{"recall@1": 0.5, ...} -> "R@1 0.500, ..." for logs."""
     return ", ".join(f"R@{k.split('@')[1]} {v:.3f}" for k, v in table.items())
 
 

@@ -44,7 +44,7 @@ import torch
 
 from genius.embedding_cache import EmbeddingCache
 from genius.eval_embedding import embed_tasks
-from genius.eval_report import KS, EvalReport, _short, describe
+from genius.eval_report import KS, EvalReport, recall_line, describe
 from genius.index import GeniusIndex, IndexConfig
 from genius.items import Items
 from genius.metrics import exact_knn, recall_table
@@ -329,7 +329,7 @@ def evaluate(
     if per_task:
         for task in tasks:
             knn = knn_row(task, task.candidates, task.relevance, "task")
-            log.info("%s: exact kNN %s", task.name, _short(knn))
+            log.info("%s: exact kNN %s", task.name, recall_line(knn))
             for ablation in ["full", *task_ablations]:
                 fit_name = task.name if ablation == "full" else f"{task.name} [{ablation}]"
                 fitted = _fit(fit_name, "task", task.name, ablation, task.candidates, task.train_candidates,
