@@ -17,12 +17,15 @@ METHOD_ORDER = ("flat", "genius", "genius_r", "pq12", "pq12_rr100", "opq12", "op
 ACCURACY_KEYS = ("r1", "r5", "r10", "pool_share_rescored")
 
 
-def write(results: dict[str, Any], out: Path, name: str) -> None:
+def write(results: dict[str, Any], out: Path, name: str,
+          extra_runs: dict[str, dict[str, Any]] | None = None) -> None:
+    """name.json, name.md and the plots; accuracy.json from the main run (name "peers") or
+    when GENIUS-only `extra_runs` join it (see `accuracy`)."""
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / f"{name}.json", json.dumps(results, indent=2, default=_default) + "\n")
     _atomic(out / f"{name}.md", markdown(results, name))
-    if name == "peers":
-        write_accuracy(results, out)
+    if name == "peers" or extra_runs:
+        write_accuracy(results, out, extra_runs)
     plots(results, out, name)
 
 
@@ -227,10 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.scale_from} holds no latency curve")
         results["scale"] = scaled["scale"]
         results["meta"]["scale_command"] = scaled["meta"]["command"]
-    write(results, args.source.parent, args.source.stem)
-    if args.also:
-        extra = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in args.also}
-        write_accuracy(results, args.source.parent, extra)
+    extra = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in args.also}
+    write(results, args.source.parent, args.source.stem, extra or None)
     return 0
 
 

@@ -199,10 +199,8 @@ class EvalReport:
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
 
