@@ -121,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed passes over the query set per method and batch")
     p.add_argument("--lowp", default=",".join(LOWP_VARIANTS),
                    help=f"comma-separated low-precision variants of ours from {LOWP_VARIANTS}, or 'none'")
+    p.add_argument("--train-pairs", type=int, default=0,
+                   help="first train the decoder on this many random (query -> ID) pairs and decode those "
+                        "queries: a trained decoder's peaked distributions, the fair test of low-precision "
+                        "agreement (an untrained one is near uniform, so any rounding reorders its beam); "
+                        "0: untrained weights (default)")
+    p.add_argument("--train-epochs", type=int, default=10, help="epochs of that training (default 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for decode.json and decode.md")
@@ -136,6 +142,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- data
+def train_briefly(decoder: GeniusDecoder, codes: np.ndarray, mods: np.ndarray, pairs: int, epochs: int,
+                  seed: int) -> tuple[torch.Tensor, dict]:
+    """Train `decoder` on `pairs` random (query -> an existing ID) pairs; return the queries
+    and what the training reached. The queries are then decoded: a memorised mapping gives
+    the decoder a trained model's peaked distributions."""
+    from genius.decoder_training import DecoderTrainConfig, train_decoder
+
+    gen = torch.Generator().manual_seed(seed + 2)
+    rows = torch.randperm(len(codes), generator=gen)[: min(pairs, len(codes))].numpy()
+    queries = torch.randn(len(rows), decoder.embed_dim, generator=gen)
+    targets = torch.from_numpy(np.concatenate([mods[rows, None], codes[rows]], axis=1).astype(np.int64))
+    config = DecoderTrainConfig(epochs=epochs, batch_size=64, lr=1e-3, query_augmentation=False, index_task=False,
+                                seed=seed)
+    t0 = time.perf_counter()
+    history = train_decoder(decoder, queries, queries, targets, config, progress=False)
+    decoder.eval()
+    info = {"pairs": len(rows), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1),
+            "final_loss": round(history[-1]["loss"], 4), "final_id_accuracy": round(history[-1]["id_accuracy"], 4)}
+    log.info("decoder trained on %d pairs: %s", len(rows), info)
+    return queries, info
+
+
 def make_codes(num_ids: int, levels: int, codebook_size: int, modalities: str, seed: int,
                structure: str = "skewed", dim: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Structured random IDs: residual quantization of a clustered point set.
@@ -670,6 +698,7 @@ def render_text(r: dict) -> str:
         f"beam {c['beam']}, {c['queries']} queries, embed_dim {c['embed_dim']}",
         f"every method at batch sizes {c['batch_sizes']}, {c['repeats']} repeats each (methods alternating per "
         f"batch); medians with [min-max] over repeats; main batch {c['batch']}",
+        f"weights: {c['weights']}" + (f" ({c['training']})" if c.get("training") else ""),
         "normalisation: ours normalize='allowed', HF renormalize_logits=True (log-softmax over the "
         "trie-allowed tokens in both); HF length_penalty=0 (scores = summed log-probs)",
         "",
@@ -767,7 +796,10 @@ def render_markdown(r: dict, text: str) -> str:
         "",
         f"Every method decodes the same {c['queries']} queries at each batch size {c['batch_sizes']}, "
         f"{c['repeats']} times (methods alternating batch by batch); times are medians over the repeats with "
-        f"[min-max]; speed-ups are medians of per-repeat ratios at equal batch.",
+        f"[min-max]; speed-ups are medians of per-repeat ratios at equal batch. Weights: {c['weights']}"
+        + (f" (pairs {c['training']['pairs']}, {c['training']['epochs']} epochs, final loss "
+           f"{c['training']['final_loss']}, ID accuracy {c['training']['final_id_accuracy']})"
+           if c.get("training") else "") + ".",
         "",
         f"## Main batch ({c['batch']})",
         "",
@@ -907,6 +939,12 @@ def main(argv: list[str] | None = None) -> dict:
     processor = TrieLogitsProcessor(tables)
     gen = torch.Generator().manual_seed(args.seed + 1)
     queries = torch.randn(args.queries, args.embed_dim, generator=gen)
+    training = None
+    if args.train_pairs:
+        trained_queries, training = train_briefly(decoder, codes, mods, max(args.train_pairs, args.queries),
+                                                  args.train_epochs, args.seed)
+        queries = trained_queries[: args.queries]
+        hf = to_hf_t5(decoder)  # the trained weights
 
     methods = {
         "hf": lambda q: decode_hf(hf, decoder, q, W, top_k, fn=fn),
@@ -1004,8 +1042,12 @@ def main(argv: list[str] | None = None) -> dict:
             "id_structure": args.id_structure,
             "ids": "residual quantization of a Zipf-weighted Gaussian mixture with fixed random codebooks "
                    "(skewed: Gaussian-fit codewords; balanced: data-sampled codewords)",
-            "weights": "random T5 initialisation (untrained), shared by all methods via genius.hf_t5.to_hf_t5",
-            "queries_from": "standard normal query embeddings",
+            "weights": ("random T5 initialisation (untrained)" if training is None else
+                        "T5 trained on the random (query -> ID) pairs of `training`")
+                       + ", shared by all methods via genius.hf_t5.to_hf_t5",
+            "queries_from": ("standard normal query embeddings" if training is None else
+                             "the training pairs' queries (standard normal embeddings)"),
+            "training": training,
         },
         "normalization": {
             "ours": "beam_search(normalize='allowed'): log-softmax of the level's logits over trie-allowed codes",

@@ -13,6 +13,8 @@ embeddings), for one fitted index:
   like an item) shares the target's first l codes;
 * the codes' ceiling: recall of ranking every indexed ID by the codes' own score
   (projected query . reconstruction, exhaustive): what a perfect decoder of these codes gets;
+  and the re-rank ceiling: the codes' exhaustive top 50/100/200 re-scored exactly, beside
+  flat search (what GENIUS+R could reach with a beam that never lost the target);
 * memorisation against generalisation: GENIUS recall on training definitions (their targets
   seen in training) against held-out ones;
 * optionally (`--grid-epochs`, `--grid-pairs`), recall@10 after refitting with fewer decoder
@@ -79,8 +81,8 @@ def code_agreement(index: Any, queries: np.ndarray, query_modality: int, targets
     return out
 
 
-def code_ceiling(index: Any, queries: np.ndarray, relevance: list[np.ndarray]) -> dict[str, float]:
-    """Recall of an exhaustive ranking of every indexed item by the codes' own score."""
+def code_scorer(index: Any):
+    """scores_of(query chunk) -> (q, N): every indexed item's codes' own score (exhaustive)."""
     import torch
 
     codes = index.item_codes(np.arange(len(index)))
@@ -92,7 +94,40 @@ def code_ceiling(index: Any, queries: np.ndarray, relevance: list[np.ndarray]) -
             score = score + levels[:, level, codes[:, 1 + level]]
         return score
 
-    return peers.ranked_recall(scores_of, queries, relevance, chunk=64)
+    return scores_of
+
+
+def code_ceiling(index: Any, queries: np.ndarray, relevance: list[np.ndarray]) -> dict[str, float]:
+    """Recall of an exhaustive ranking of every indexed item by the codes' own score."""
+    return peers.ranked_recall(code_scorer(index), queries, relevance, chunk=64)
+
+
+def rerank_ceiling(index: Any, task: peers_data.PoolTask, depths: tuple[int, ...]) -> list[dict[str, float]]:
+    """What GENIUS+R could reach with a perfect beam: per depth d, the share of queries with a
+    relevant item in the codes' exhaustive top d (the bound of any re-ranking of them), and
+    recall@1/5/10 after re-scoring that top d exactly with the pool's vectors."""
+    scores_of = code_scorer(index)
+    depths = tuple(sorted({min(d, len(task.pool)) for d in depths}))
+    tops = []
+    for a in range(0, len(task.test_queries), 64):
+        scores = scores_of(task.test_queries[a : a + 64])
+        top = np.argpartition(-scores, max(depths) - 1, axis=1)[:, : max(depths)]
+        tops.append(np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1))
+    ranked_by_codes = np.concatenate(tops)
+    out = []
+    for depth in depths:
+        top = ranked_by_codes[:, :depth]
+        exact = np.einsum("qd,qkd->qk", task.test_queries, task.pool[top])
+        reranked = np.take_along_axis(top, np.argsort(-exact, axis=1), axis=1)
+        out.append({"depth": depth, "pool_share": round(depth / len(task.pool), 6),
+                    "holds_relevant": round(peers.recall(top, task.relevance, depth), 4),
+                    **{f"r{k}": round(peers.recall(reranked, task.relevance, k), 4) for k in peers.KS}})
+    return out
+
+
+def flat_recall(task: peers_data.PoolTask) -> dict[str, float]:
+    """Exact inner-product search over the pool: the reference of the re-rank ceiling."""
+    return peers.ranked_recall(lambda chunk: chunk @ task.pool.T, task.test_queries, task.relevance)
 
 
 def genius_recall(index: Any, queries: np.ndarray, relevance: list[np.ndarray], beam: int,
@@ -141,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
                        help=f"as in bench/peers.py (default {value})")
-    p.add_argument("--level-widths", type=int, nargs="*", default=[],
-                   help="as in bench/peers.py: beam widths of the first levels (default: --beam throughout)")
+    p.add_argument("--level-widths", type=int, nargs="*",
+                   help="as in bench/peers.py: beam widths of the first levels (default: IndexConfig's; no "
+                        "value: --beam throughout)")
     p.add_argument("--refit-codebooks", action="store_true", help="as in bench/peers.py")
     p.add_argument("--progress", action="store_true", help="progress bars while GENIUS trains")
     args = p.parse_args(argv)
@@ -178,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "code_agreement_train": code_agreement(index, train_q, int(task.query_modality),
                                                relevant_codes(index, train_rel)),
         "codes_exhaustive": code_ceiling(index, task.test_queries, task.relevance),
+        "codes_exhaustive_reranked": rerank_ceiling(index, task, (50, 100, 200)),
+        "flat": flat_recall(task),
         "genius_test": genius_recall(index, task.test_queries, task.relevance, args.beam),
         "genius_train": genius_recall(index, train_q, train_rel, args.beam),
         "genius_codes_only_test": genius_recall(index, task.test_queries, task.relevance, args.beam, DOMINANT),
@@ -239,6 +277,15 @@ def markdown(r: dict[str, Any]) -> str:
         if v is None:
             continue
         lines.append(f"| {label} | {v['r1']:.3f} | {v['r5']:.3f} | {v['r10']:.3f} |")
+    if r.get("codes_exhaustive_reranked"):
+        flat = r["flat"]
+        lines += ["", "## The re-rank ceiling: the codes' exhaustive top d re-scored exactly (held-out)", "",
+                  f"Flat (exact) search: R@1/5/10 {flat['r1']:.3f} / {flat['r5']:.3f} / {flat['r10']:.3f}.", "",
+                  "| top d | pool share | holds a relevant item | R@1 | R@5 | R@10 | R@5 / flat |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['depth']} | {100 * c['pool_share']:.3f} % | {c['holds_relevant']:.3f} | {c['r1']:.3f} | "
+                  f"{c['r5']:.3f} | {c['r10']:.3f} | {c['r5'] / max(flat['r5'], 1e-9):.2f} |"
+                  for c in r["codes_exhaustive_reranked"]]
     if r["grid"]:
         lines += ["", "## Recall against decoder epochs and training pairs (held-out)", "",
                   "| decoder epochs | pairs | R@1 | R@5 | R@10 |", "|---:|---:|---:|---:|---:|"]

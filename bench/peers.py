@@ -184,7 +184,10 @@ def genius_config(num_items: int, args: argparse.Namespace):
     cfg.beam_size = args.beam
     if args.codebook_weight is not None:
         cfg.codebook_weight = args.codebook_weight
-    cfg.level_widths = list(args.level_widths)
+    if args.level_widths is not None:
+        cfg.level_widths = list(args.level_widths)
+    if args.lookahead_rows is not None:
+        cfg.lookahead_rows = args.lookahead_rows
     return cfg
 
 
@@ -217,6 +220,11 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix=suffix,
                                                             distinct_ids=plain.info["distinct_ids"],
                                                             level_widths=widths):
+                    rows[variant.name] = measure(variant, task, args)
+            for rows_read in args.lookahead_rows_rows:  # and pruned with a lookahead
+                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix=f"_la{rows_read}",
+                                                            distinct_ids=plain.info["distinct_ids"],
+                                                            lookahead_rows=rows_read):
                     rows[variant.name] = measure(variant, task, args)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
@@ -292,12 +300,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codebook-weights", type=float, nargs="*", default=[],
                    help="ablation: also search the same GENIUS model with these codebook weights "
                         "(rows genius_cbW, genius_r_cbW)")
-    p.add_argument("--level-widths", type=int, nargs="*", default=[],
-                   help="GENIUS beam widths of the first code levels, then --beam (default: none, --beam "
-                        "throughout; e.g. 256 400 200)")
+    p.add_argument("--level-widths", type=int, nargs="*",
+                   help="GENIUS beam widths of the first code levels, then --beam (default: IndexConfig's, "
+                        "256 400 200 from 50,000 items; no value: --beam throughout)")
     p.add_argument("--level-widths-rows", type=widths_list, nargs="*", default=[],
                    help="ablation: also search the same GENIUS model with these first-level widths, each "
                         "comma-separated ('' for none; rows genius_lwA-B-C, genius_r_lwA-B-C)")
+    p.add_argument("--lookahead-rows", type=int,
+                   help="GENIUS beam pruned by score plus a prefix's best completion read from up to this many "
+                        "of its items' codes (default: IndexConfig's; 0: by score alone)")
+    p.add_argument("--lookahead-rows-rows", type=int, nargs="*", default=[],
+                   help="ablation: also search the same GENIUS model with these lookahead rows "
+                        "(rows genius_laN, genius_r_laN)")
     p.add_argument("--genius-index", type=Path,
                    help="folder of saved full-pool GENIUS fits (one per task): a fit of the same pool and "
                         "config found there is loaded instead of refitted, otherwise saved there")

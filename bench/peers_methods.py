@@ -169,6 +169,7 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
             index.config.codebook_weight = config.codebook_weight
             index.config.beam_size = config.beam_size
             index.config.level_widths = list(config.level_widths)
+            index.config.lookahead_rows = config.lookahead_rows
             log.info("GENIUS: loaded the fit saved in %s (fitted in %.0f s)", saved, previous["build_s"])
             plain, reranked = genius_methods(index, beam, previous["build_s"])
             return plain, reranked, index
@@ -185,9 +186,9 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
 
 def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float | None = None,
                    suffix: str = "", distinct_ids: int | None = None,
-                   level_widths: list[int] | None = None) -> tuple[Built, Built]:
-    """(genius, genius_r) searching a fitted index; codebook_weight and level_widths override
-    the config's. distinct_ids: the index's count of distinct IDs when known (a unique over
+                   level_widths: list[int] | None = None, lookahead_rows: int | None = None) -> tuple[Built, Built]:
+    """(genius, genius_r) searching a fitted index; codebook_weight, level_widths and
+    lookahead_rows override the config's. distinct_ids: the index's count of distinct IDs when known (a unique over
     every ID)."""
     from genius.rerank import cosine
 
@@ -199,7 +200,8 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
 
     def beam_candidates(queries: np.ndarray) -> list[np.ndarray]:
         return [items for items, _ in index.candidates(np.ascontiguousarray(queries, dtype=np.float32), beam,
-                                                       codebook_weight=codebook_weight, level_widths=level_widths)]
+                                                       codebook_weight=codebook_weight, level_widths=level_widths,
+                                                       lookahead_rows=lookahead_rows)]
 
     def search_plain(queries: np.ndarray, k: int) -> np.ndarray:
         out = np.full((len(queries), k), -1, dtype=np.int64)
@@ -217,10 +219,12 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
                 out[q, : len(order)] = items[order]
         return out
 
-    weight = index.config.codebook_weight if codebook_weight is None else codebook_weight
+    weight = index.codebook_weight(codebook_weight)
     widths = list(index.config.level_widths if level_widths is None else level_widths)
+    lookahead = index.config.lookahead_rows if lookahead_rows is None else lookahead_rows
     info = {"fit_config": _config_summary(index.config), "trie_bytes_per_item": round(trie_bytes, 2),
             "model_bytes": int(model_bytes), "beam": beam, "level_widths": widths, "codebook_weight": weight,
+            "lookahead_rows": lookahead,
             "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0))
                                 if distinct_ids is None else distinct_ids)}
     plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)

@@ -67,8 +67,8 @@ def _variants(rows: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ordered(methods: dict[str, Any]) -> list[str]:
-    """The table order; GENIUS's ablation rows (genius_cbW, genius_lwA-B, and their genius_r_)
-    right after GENIUS+R, codebook weights first."""
+    """The table order; GENIUS's ablation rows (genius_cbW, genius_lwA-B, genius_laN, and their
+    genius_r_) right after GENIUS+R, codebook weights first."""
     def key(m: str) -> tuple[float, bool, float, str]:
         if m in METHOD_ORDER:
             return METHOD_ORDER.index(m), False, 0.0, ""
@@ -77,6 +77,9 @@ def _ordered(methods: dict[str, Any]) -> list[str]:
             return METHOD_ORDER.index("genius_r") + 0.5, base == "genius_r", float(weight), m
         if m.startswith("genius") and "_lw" in m:
             return METHOD_ORDER.index("genius_r") + 0.6, m.startswith("genius_r_"), 0.0, m
+        if m.startswith("genius") and "_la" in m:
+            base, rows_read = m.rsplit("_la", 1)
+            return METHOD_ORDER.index("genius_r") + 0.7, base == "genius_r", float(rows_read), m
         return len(METHOD_ORDER), False, 0.0, m
     return sorted(methods, key=key)
 

@@ -56,7 +56,10 @@ def _fit(args: argparse.Namespace) -> int:
     config.beam_size = args.beam
     if args.codebook_weight is not None:
         config.codebook_weight = args.codebook_weight
-    config.level_widths = list(args.level_widths or [])
+    if args.level_widths is not None:
+        config.level_widths = list(args.level_widths)
+    if args.lookahead_rows is not None:
+        config.lookahead_rows = args.lookahead_rows
     config.device = args.device
     needs_encoder = corpus.embeddings is None or queries.items.embeddings is None
     encoder = None
@@ -91,7 +94,8 @@ def _search(args: argparse.Namespace) -> int:
         raise SystemExit("genius search: give --text and/or --image, or --queries FILE")
     result = index.search(queries, k=args.k, beam_size=args.beam, rerank=not args.no_rerank,
                           target_modalities=args.modality or None, rerank_with=args.rerank_with,
-                          codebook_weight=args.codebook_weight, level_widths=args.level_widths)
+                          codebook_weight=args.codebook_weight, level_widths=args.level_widths,
+                          lookahead_rows=args.lookahead_rows)
     if args.out:
         rows = [(q, rank, key, int(item), float(score), modality.name.lower())
                 for q, (items, scores, keys, modalities) in enumerate(
@@ -168,12 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
     p.add_argument("--codebook-weight", type=float,
                    help="weight of the codes' own score (query . the ID's code vectors) beside the decoder's "
-                        "log-probabilities in the beam, stored with the index (default: 0, the decoder alone "
-                        "as in the paper; 100 was best on full-pool WordNet)")
-    p.add_argument("--level-widths", type=int, nargs="+", metavar="W",
+                        "log-probabilities in the beam, stored with the index (default: 300, best on full-pool "
+                        "WordNet; 0: the decoder alone, as in the paper; not applied where fit finds the codes "
+                        "rank far below the unquantized projection)")
+    p.add_argument("--level-widths", type=int, nargs="*", metavar="W",
                    help="beam widths of the first code levels, then --beam, stored with the index (default: "
-                        "--beam throughout; e.g. 256 400 200 keeps more prefixes where the first codes' scores "
-                        "cannot yet tell the target from its neighbours)")
+                        "256 400 200 from 50,000 items, which keep more prefixes where the first codes' scores "
+                        "cannot yet tell the target from its neighbours, else --beam throughout; no value: "
+                        "--beam throughout)")
+    p.add_argument("--lookahead-rows", type=int, metavar="N",
+                   help="with the codes scoring the beam, prune each level by score plus a prefix's best "
+                        "completion read from up to N of its items' codes, stored with the index (default: 4; "
+                        "0: by score alone)")
     p.add_argument("--encoder", help="a stage-1 encoder folder (what `genius train encoder` writes); "
                                      "overrides --encoder-model")
     p.add_argument("--encoder-model", help="open_clip model name (default: the offline MiniLM + small CNN model)")
@@ -192,8 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, help="beam size (default: the index's)")
     p.add_argument("--codebook-weight", type=float, help="weight of the codes' own score in the beam "
                                                           "(default: the index's)")
-    p.add_argument("--level-widths", type=int, nargs="+", metavar="W",
-                   help="beam widths of the first code levels, then --beam (default: the index's)")
+    p.add_argument("--level-widths", type=int, nargs="*", metavar="W",
+                   help="beam widths of the first code levels, then --beam (default: the index's; no value: "
+                        "--beam throughout)")
+    p.add_argument("--lookahead-rows", type=int, metavar="N",
+                   help="rows read to estimate a prefix's best completion (default: the index's; 0: none)")
     p.add_argument("--modality", action="append", choices=["image", "text", "image_text"],
                    help="only return items of this modality (repeatable)")
     p.add_argument("--no-rerank", action="store_true", help="rank by beam score only")

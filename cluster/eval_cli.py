@@ -72,10 +72,14 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs (default: from --size)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs (default: from --size)")
     p.add_argument("--codebook-weight", type=float,
-                   help="weight of the codes' own score beside the decoder's in the beam (default: 0, the "
-                        "decoder alone; 100 was best on full-pool WordNet)")
-    p.add_argument("--level-widths", type=int, nargs="+", metavar="W",
-                   help="beam widths of the first code levels, then the beam (default: the beam throughout)")
+                   help="weight of the codes' own score beside the decoder's in the beam (default: 300, best "
+                        "on full-pool WordNet; 0: the decoder alone, as in the paper)")
+    p.add_argument("--level-widths", type=int, nargs="*", metavar="W",
+                   help="beam widths of the first code levels, then the beam (default: 256 400 200 from "
+                        "50,000 items, else the beam throughout; no value: the beam throughout)")
+    p.add_argument("--lookahead-rows", type=int, metavar="N",
+                   help="prune the codes-scored beam with a prefix's best completion read from up to N of its "
+                        "items (default: 4; 0: by score alone)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default: 1, fastest for these small models on a shared CPU)")
@@ -109,8 +113,10 @@ def _index_config(args: argparse.Namespace):
             cfg.decoder_training = replace(cfg.decoder_training, epochs=args.decoder_epochs)
         if args.codebook_weight is not None:
             cfg.codebook_weight = args.codebook_weight
-        if args.level_widths:
+        if args.level_widths is not None:
             cfg.level_widths = list(args.level_widths)
+        if args.lookahead_rows is not None:
+            cfg.lookahead_rows = args.lookahead_rows
         cfg.device = args.device
         return cfg
 

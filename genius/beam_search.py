@@ -9,7 +9,18 @@ With codebook scores (`ModalResidualQuantizer.code_scores`), each step also adds
 `codebook_weight` x the projected query's inner product with the code's vector. Summed over
 an ID's semantic levels that is the query's inner product with the ID's reconstruction less
 its modality centroid (what a residual quantizer ranks by, within a modality): the beam
-scores an ID by the decoder and by the index's codes; the modality stays the decoder's.
+scores an ID by the decoder and by the index's codes. Those scores do not compare across
+modalities (each modality's items fill their own region of the projected space, and a query
+lies nearer its own: a text query's nearest codes are texts even when its instruction asks
+for an image), so with them the decoder alone decides which modalities are searched: the
+first step keeps only those it gives at least `min_modality_prob` (and always its most
+probable one), and the codes rank IDs within and across the modalities kept.
+
+A prefix's partial score says little about its best complete ID: with `lookahead_rows`, each
+level (but the last) keeps the prefixes best by score plus `best_completion`, the best
+remaining code score among a few of the prefix's rows (all of them once the prefix holds that
+few, which past the first levels is most), chosen among the `lookahead_pool` x width best by
+score alone. Cost grows with the beam, not with the corpus.
 """
 from __future__ import annotations
 
@@ -105,6 +116,61 @@ def _codebook_bonus(codebook_scores: tuple[torch.Tensor, torch.Tensor] | None, w
     return [torch.zeros(Q, NUM_MODALITIES, device=device)] + [levels[:, level] for level in range(L)]
 
 
+def _drop_unlikely_modalities(candidates: torch.Tensor, min_prob: float) -> None:
+    """Block, in place, the modality tokens of (Q, 1, 3) first-step scores that the decoder
+    gives under `min_prob`, except each query's most probable allowed one."""
+    if min_prob <= 0:
+        return
+    best = candidates.max(-1, keepdim=True).values
+    floor = torch.minimum(best, torch.full_like(best, float(np.log(min_prob))))
+    candidates.masked_fill_(candidates < floor, float("-inf"))
+
+
+def best_completion(trie: Trie, state: TrieState, level: int, rest_scores: np.ndarray, query_of: np.ndarray,
+                    max_rows: int) -> np.ndarray:
+    """Per prefix of `state` (`level` semantic codes chosen), an estimate of its best complete
+    ID's remaining score: the best, over up to `max_rows` of its rows (all of them when it has
+    no more, else evenly spaced ones, which the sorted rows spread over its children), of the
+    summed scores of the codes after `level`. rest_scores: (Q, L, K) weighted code scores;
+    query_of: each prefix's query."""
+    num_levels = trie.codec.num_levels
+    out = np.zeros(len(state.lo), dtype=np.float64)
+    if level >= num_levels or len(out) == 0:
+        return out
+    span = state.hi - state.lo
+    count = np.minimum(span, max_rows)
+    start = np.cumsum(count) - count
+    owner = np.repeat(np.arange(len(count)), count)
+    within = np.arange(int(count.sum())) - start[owner]
+    rows = state.lo[owner] + within * span[owner] // count[owner]
+    scores = np.empty(len(rows), dtype=np.float64)
+    later = np.arange(level, num_levels)
+    for p in np.unique(state.part):
+        sel = np.flatnonzero(state.part[owner] == p)
+        codes = trie.codec.unpack(np.asarray(np.take(trie.partitions[p].ids, rows[sel], axis=0)))[:, level:]
+        scores[sel] = rest_scores[query_of[owner[sel]][:, None], later[None, :], codes].sum(1)
+    return np.maximum.reduceat(scores, start)
+
+
+def _select(candidates: torch.Tensor, keep: int, lookahead: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (Q, keep) scores and flat indices of the prefixes kept from (Q, width, n) candidates:
+    the best by score, or with `lookahead` = (pool, child_states, level, rest_scores, trie,
+    max_rows) the best by score plus best_completion among the `pool` best by score."""
+    Q = candidates.shape[0]
+    flat = candidates.view(Q, -1)
+    if lookahead is None:
+        return flat.topk(keep, dim=-1)
+    pool, child_states, level, rest_scores, trie, max_rows = lookahead
+    pre_scores, pre_index = flat.topk(min(pool, flat.shape[1]), dim=-1)
+    query_of, slot = np.nonzero(torch.isfinite(pre_scores).cpu().numpy())
+    chosen = pre_index.cpu().numpy()[query_of, slot]
+    bonus = np.zeros(tuple(pre_scores.shape), dtype=np.float32)
+    bonus[query_of, slot] = best_completion(trie, child_states(query_of, chosen), level, rest_scores, query_of,
+                                            max_rows)
+    order = (pre_scores + torch.from_numpy(bonus).to(pre_scores.device)).topk(keep, dim=-1).indices
+    return pre_scores.gather(1, order), pre_index.gather(1, order)
+
+
 def step_width(step: int, num_levels: int, beam_size: int, level_widths: Sequence[int]) -> int:
     """Prefixes kept after a step (0: the modality; l: semantic level l). The modality step
     keeps as many as level 1 (at most 3 exist); the last level always keeps `beam_size`:
@@ -126,6 +192,9 @@ def beam_search(
     codebook_weight: float = 0.0,
     trace: list[np.ndarray] | None = None,
     level_widths: Sequence[int] = (),
+    min_modality_prob: float = 0.02,
+    lookahead_rows: int = 0,
+    lookahead_pool: int = 4,
 ) -> BeamResult:
     """Decode the `beam_size` most probable valid IDs for each query embedding (Q, D).
 
@@ -134,16 +203,25 @@ def beam_search(
     the trie allows; "level" over all tokens of the level (then masks). codebook_scores:
     ((Q, 3), (Q, L, K)) inner products of the projected queries with the modality centroids
     and code vectors; the code vectors' are added to the log-probabilities times
-    `codebook_weight` (the modality step is left to the decoder). trace: a list
+    `codebook_weight`, and the beam keeps only the modalities that the decoder gives at
+    least `min_modality_prob` (and its most probable one). trace: a list
     that receives each step's (Q, width, step + 1) prefixes (-1 where a slot is empty), for
     diagnosing where a target's prefix leaves the beam. level_widths: beam widths of the
     first semantic levels (then `beam_size`): a wider beam where the early codes' scores
-    cannot yet tell the target's prefix from its neighbours'.
+    cannot yet tell the target's prefix from its neighbours'. lookahead_rows: with the codes
+    scoring the beam, keep at each level (but the last) the best prefixes by their score plus
+    an estimate of their best completion (`best_completion` over up to this many of their
+    rows), chosen among the `lookahead_pool` x width best by score alone; 0: by score alone.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if lookahead_rows < 0 or lookahead_pool < 1:
+        raise ValueError(f"lookahead_rows must be >= 0 and lookahead_pool >= 1, got {lookahead_rows}, "
+                         f"{lookahead_pool}")
+    if not 0 <= min_modality_prob <= 1:
+        raise ValueError(f"min_modality_prob must be in [0, 1], got {min_modality_prob}")
     if any(w < 1 for w in level_widths):
         raise ValueError(f"level_widths must be >= 1, got {list(level_widths)}")
     if trie.codec.num_levels != decoder.num_levels or trie.codec.codebook_size != decoder.codebook_size:
@@ -152,6 +230,10 @@ def beam_search(
     device = decoder.lm_head.weight.device
     Q, L, K = len(query_emb), decoder.num_levels, decoder.codebook_size
     step_bonus = _codebook_bonus(codebook_scores, codebook_weight, Q, L, K, device)
+    # The weighted code scores of every level, for estimating a prefix's best completion.
+    rest_scores = None
+    if step_bonus is not None and lookahead_rows > 0:
+        rest_scores = torch.stack(step_bonus[1:], dim=1).cpu().numpy()
     cache = decoder.start_cache(query_emb.to(device))
 
     tokens = torch.zeros((Q, 1), dtype=torch.long, device=device)
@@ -180,23 +262,32 @@ def beam_search(
         candidates = _log_probs(logits, mask_t, normalize).add_(beam_scores[..., None])
         if step_bonus is not None:
             candidates.add_(step_bonus[step][:, None, :])
+        if step == 0 and step_bonus is not None:
+            _drop_unlikely_modalities(candidates, min_modality_prob)
         keep = min(step_width(step, L, beam_size, level_widths), width * n)
-        top_scores, top_index = candidates.view(Q, -1).topk(keep, dim=-1)
-        parent = (top_index // n).cpu().numpy()
-        code = (top_index % n).cpu().numpy()
-        new_alive = torch.isfinite(top_scores).cpu().numpy().reshape(-1)
-
-        # Trie positions of the new live beams.
-        q_index = np.repeat(np.arange(Q), keep)
-        parent_flat = q_index * width + parent.reshape(-1)
-        chosen = np.flatnonzero(new_alive)
-        if step == 1:
-            modality = history.reshape(Q * width, -1)[parent_flat[chosen], 0]
-            state = trie.root_children(modality, code.reshape(-1)[chosen])
-        elif step >= 2:
+        if step >= 2:
             position_in_live = np.full(Q * width, -1, dtype=np.int64)
             position_in_live[live] = np.arange(len(live))
-            state = expansion.children(position_in_live[parent_flat[chosen]], code.reshape(-1)[chosen])
+
+        def child_states(query: np.ndarray, flat_index: np.ndarray) -> TrieState:
+            """Trie positions of the children `flat_index` (parent * n + code) of queries `query`."""
+            parent_flat, child_code = query * width + flat_index // n, flat_index % n
+            if step == 1:
+                return trie.root_children(history.reshape(Q * width, -1)[parent_flat, 0], child_code)
+            return expansion.children(position_in_live[parent_flat], child_code)
+
+        lookahead = None
+        if rest_scores is not None and 1 <= step < L:
+            lookahead = (lookahead_pool * keep, child_states, step, rest_scores, trie, lookahead_rows)
+        top_scores, top_index = _select(candidates, keep, lookahead)
+        new_alive = torch.isfinite(top_scores).cpu().numpy().reshape(-1)
+        parent = (top_index // n).cpu().numpy()
+        code = (top_index % n).cpu().numpy()
+
+        # Trie positions of the new live beams.
+        chosen = np.flatnonzero(new_alive)
+        if step >= 1:
+            state = child_states(chosen // keep, top_index.cpu().numpy().reshape(-1)[chosen])
 
         history = np.concatenate(
             [history[np.arange(Q)[:, None], parent], np.where(new_alive.reshape(Q, keep), code, -1)[..., None]], axis=2

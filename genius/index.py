@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from genius.beam_search import beam_search, per_query_modalities
+from genius.codes_check import MIN_CODES_RECALL_RATIO, check_codes
 from genius.decoder import DecoderConfig, GeniusDecoder
 from genius.decoder_training import DecoderTrainConfig, train_decoder
 from genius.idcodec import IdCodec
@@ -46,6 +47,14 @@ log = logging.getLogger(__name__)
 RERANK_SOURCES = ("vectors", "codes")
 
 
+# At 12 x 256 on full-pool WordNet (117k items), widths 256/400/200 keep the target's prefix
+# after levels 1-3 for 100/72/40 % of queries against 94/40/27 % with the beam of 50 throughout
+# (R@10 0.214 -> 0.234), for 2.3x the search time (bench/results/peers-genius-12x256-lw.md).
+# In small corpora a beam of 50 already holds much of each level, and the widths only cost.
+LARGE_CORPUS = 50_000
+LARGE_CORPUS_WIDTHS = (256, 400, 200)
+
+
 @dataclass
 class IndexConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -54,15 +63,31 @@ class IndexConfig:
     beam_size: int = 50  # the paper's beam
     # Weight of the quantizer's own score (projected query . an ID's code vectors, summed)
     # beside the decoder's log-probabilities in the beam; 0: the decoder alone (the paper).
-    # 100 (= 1/temperature of the quantizer's contrastive loss, which trains these inner
-    # products as logits) was best on full-pool WordNet (bench/results/peers.md) and on the
-    # generated corpus (R@1 0.13 -> 0.46), but it is not the default: the codes' scores do not
-    # compare across modalities, so in a universal (mixed) pool the beam admits items of the
-    # query's own modality and cosine re-ranking puts them first (tests/genius/test_evaluation.py,
-    # text -> image GENIUS+R recall@1 0.0 with 100).
-    codebook_weight: float = 0.0
-    # Beam widths of the first semantic levels (then beam_size); empty: beam_size throughout.
+    # It is 1/temperature of those inner products, which the quantizer's contrastive loss
+    # trains as logits at temperature 0.01. Full-pool WordNet, beam 50: R@10 0.127 with 0,
+    # 0.190 with 100 at 5 x 256 (bench/results/peers.md); 0.234 with 100 and 0.251 with 300
+    # at 12 x 256 with the level widths below (peers-genius-12x256-lw.md).
+    codebook_weight: float = 300.0
+    # With the codes scoring the beam, the modalities the decoder gives less than this are
+    # not searched: the codes' scores do not compare across modalities where a query lies
+    # nearer its own (tests/genius/test_evaluation.py's universal pool: text -> image GENIUS+R
+    # recall@1 0.43 with 0, 1.0 with 0.02), and the decoder reads the instruction. Small,
+    # because a decoder that cannot know the target's modality is still sure of one (the
+    # generated corpus: R@10 0.95 with 0, 0.92 with 0.02, 0.70 with 0.2).
+    min_modality_prob: float = 0.02
+    # False when fit found that the codes rank its training targets far worse than the
+    # unquantized projection (genius.codes_check): then the config's codebook weight is not
+    # applied (a weight passed to a search still is).
+    codes_usable: bool = True
+    # Beam widths of the first semantic levels (then beam_size; empty: beam_size throughout):
+    # the first codes' scores cannot yet tell the target's prefix from its neighbours'.
+    # for_corpus sets LARGE_CORPUS_WIDTHS from LARGE_CORPUS items.
     level_widths: list[int] = field(default_factory=list)
+    # With the codes scoring the beam, prune each level by score plus an estimate of a
+    # prefix's best completion read from up to this many of its items' codes, among the
+    # lookahead_pool x width best by score (beam_search's best_completion); 0: by score alone.
+    lookahead_rows: int = 4
+    lookahead_pool: int = 4
     ranges_per_modality: int = 1  # trie partitions per modality (by first semantic code)
     store_vectors: bool = True  # keep item embeddings (fp16) for re-ranking
     query_batch: int = 32  # queries decoded together
@@ -76,11 +101,13 @@ class IndexConfig:
 
     @classmethod
     def for_corpus(cls, num_items: int, **quantizer_overrides) -> "IndexConfig":
-        """A CPU-sized config: codebooks sized to the corpus and a small decoder."""
+        """A CPU-sized config: codebooks sized to the corpus and a small decoder; from
+        LARGE_CORPUS items, a beam widened at the first levels (LARGE_CORPUS_WIDTHS)."""
         return cls(
             quantizer=QuantizerConfig.for_corpus(num_items, **quantizer_overrides),
             decoder=DecoderConfig.small(),
             decoder_training=DecoderTrainConfig(epochs=30, batch_size=128, lr=2e-3),
+            level_widths=list(LARGE_CORPUS_WIDTHS) if num_items >= LARGE_CORPUS else [],
         )
 
     def to_dict(self) -> dict:
@@ -88,9 +115,11 @@ class IndexConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "IndexConfig":
-        # Configs saved before the codebook-scored beam existed ranked by the decoder alone:
-        # they keep doing so when loaded, whatever the default becomes.
-        kwargs: dict = {} if "codebook_weight" in data else {"codebook_weight": 0.0}
+        # Configs saved before the codebook-scored beam, the level widths or the lookahead
+        # existed searched without them: they keep doing so when loaded, whatever the defaults.
+        kwargs: dict = {name: value for name, value in (("codebook_weight", 0.0), ("level_widths", []),
+                                                        ("lookahead_rows", 0))
+                        if name not in data}
         for f in fields(cls):
             value = data.get(f.name)
             if value is None:
@@ -197,6 +226,15 @@ class GeniusIndex:
             query_modality=queries.modality,
         )
         item_codes = quantizer.encode(item_emb, corpus.modality).cpu().numpy()
+        if config.codebook_weight and len(targets):
+            check = check_codes(quantizer, query_emb, item_emb, item_codes, targets, seed=qcfg.seed)
+            log.info("codes check: training targets' recall@10 among %d items %.3f by the codes, %.3f unquantized",
+                     check.candidates, check.codes_recall, check.projected_recall)
+            if not check.codes_usable:
+                log.warning("the codes keep %.0f %% of the unquantized recall@10 (under %.0f %%): the beam is scored "
+                            "by the decoder alone unless a search asks for a codebook weight", 100 * check.ratio,
+                            100 * MIN_CODES_RECALL_RATIO)
+                config = replace(config, codes_usable=False)
         log.info("stage 3: decoder on %d pairs (+%d items)", len(targets),
                  len(corpus) if config.decoder_training.index_task else 0)
         decoder = GeniusDecoder(config.decoder, dim, qcfg.num_levels, qcfg.codebook_size).to(config.device)
@@ -249,6 +287,7 @@ class GeniusIndex:
         rerank_with: str = "vectors",
         codebook_weight: float | None = None,
         level_widths: Sequence[int] | None = None,
+        lookahead_rows: int | None = None,
     ) -> SearchResult:
         """Top-k items per query.
 
@@ -258,7 +297,8 @@ class GeniusIndex:
         each), by the items' stored modality; with the modality code the beam search is
         restricted to them from its first step. codebook_weight: the beam's weight of the
         codes' own score (default: config.codebook_weight). level_widths: the beam's widths
-        at the first levels (default: config.level_widths).
+        at the first levels (default: config.level_widths). lookahead_rows: rows read to
+        estimate a prefix's best completion (default: config.lookahead_rows).
         """
         if rerank_with not in RERANK_SOURCES:
             raise ValueError(f"rerank_with must be one of {RERANK_SOURCES}, got {rerank_with!r}")
@@ -268,7 +308,7 @@ class GeniusIndex:
         query_emb = self._check_queries(self.embed(queries))
         all_items, all_scores = [], []
         for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities, codebook_weight,
-                                                      level_widths):
+                                                      level_widths, lookahead_rows):
             ranking = self._rank(beams, chunk, k, rerank, rerank_with, wanted)
             all_items.append(ranking.items)
             all_scores.append(ranking.scores)
@@ -284,8 +324,8 @@ class GeniusIndex:
     @torch.no_grad()
     def candidates(self, query_emb: np.ndarray, beam_size: int | None = None,
                    target_modalities: Collection | Sequence[Collection] | None = None,
-                   codebook_weight: float | None = None,
-                   level_widths: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                   codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
+                   lookahead_rows: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query embedding: the items its beam search found that pass the filters (not
         deleted, of a wanted modality), in beam order, with their beam log-probabilities. The
         first half of `search`, for callers that score the items elsewhere (the serving
@@ -293,7 +333,7 @@ class GeniusIndex:
         query_emb = self._check_queries(self.embed(query_emb))
         out = []
         for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities,
-                                                  codebook_weight, level_widths):
+                                                  codebook_weight, level_widths, lookahead_rows):
             keep = self.item_filter(wanted)
             out.extend(candidates(beams, q, keep) for q in range(len(beams.items)))
         return out
@@ -304,7 +344,8 @@ class GeniusIndex:
         return query_emb
 
     def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities,
-                     codebook_weight: float | None = None, level_widths: Sequence[int] | None = None):
+                     codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
+                     lookahead_rows: int | None = None):
         """(query chunk, its beams, its wanted-modality rows or None) per chunk of config.query_batch."""
         per_query = per_query_modalities(target_modalities, len(query_emb))
         wanted = None if per_query is None else _modality_rows(per_query)
@@ -315,21 +356,32 @@ class GeniusIndex:
             first_step = None
             if chunk_wanted is not None and self.quantizer.use_modality_code:
                 first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
-            beams = self.beam(chunk, beam_size, first_step, codebook_weight, level_widths=level_widths)
+            beams = self.beam(chunk, beam_size, first_step, codebook_weight, level_widths=level_widths,
+                              lookahead_rows=lookahead_rows)
             yield chunk, beams, chunk_wanted
 
     def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None, codebook_weight: float | None = None,
-             trace: list | None = None, level_widths: Sequence[int] | None = None):
+             trace: list | None = None, level_widths: Sequence[int] | None = None,
+             lookahead_rows: int | None = None):
         """The trie-constrained beam search of one chunk of query embeddings, scored by the
         decoder and, with a codebook weight (default: the config's), by the codes; wider at the
-        first levels as level_widths (default: the config's) says. `trace`: a list that receives
-        each step's prefixes (beam_search's)."""
-        weight = self.config.codebook_weight if codebook_weight is None else codebook_weight
+        first levels as level_widths, pruned with lookahead_rows (defaults: the config's).
+        `trace`: a list that receives each step's prefixes (beam_search's)."""
+        weight = self.codebook_weight(codebook_weight)
         widths = self.config.level_widths if level_widths is None else level_widths
         scores = self.quantizer.code_scores(query_emb) if weight else None
         return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
                            codebook_scores=scores, codebook_weight=weight, trace=trace,
-                           level_widths=widths)
+                           level_widths=widths, min_modality_prob=self.config.min_modality_prob,
+                           lookahead_rows=self.config.lookahead_rows if lookahead_rows is None else lookahead_rows,
+                           lookahead_pool=self.config.lookahead_pool)
+
+    def codebook_weight(self, override: float | None = None) -> float:
+        """The weight of the codes' score in the beam: `override`, else the config's (0 where
+        fit found the codes unusable)."""
+        if override is not None:
+            return override
+        return self.config.codebook_weight if self.config.codes_usable else 0.0
 
     def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""

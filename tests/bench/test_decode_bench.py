@@ -166,3 +166,13 @@ def test_low_precision_variants(run):
     assert written["lowp_meets_agreement_target"] == (variants[chosen]["top10_agreement"] >= 0.95)
     if not written["lowp_meets_agreement_target"]:  # then no variant reached the target
         assert all(variants[v]["top10_agreement"] < 0.95 for v in ran)
+
+
+def test_a_briefly_trained_decoder_learns_its_pairs(bench):
+    from genius.decoder import DecoderConfig, GeniusDecoder
+
+    codes, mods = bench.make_codes(300, 3, 16, "all", 0, "skewed")
+    decoder = GeniusDecoder(DecoderConfig.small(), 32, 3, 16)
+    queries, info = bench.train_briefly(decoder, codes, mods, pairs=64, epochs=60, seed=0)
+    assert queries.shape == (64, 32) and info["pairs"] == 64 and info["epochs"] == 60
+    assert info["final_id_accuracy"] > 0.5, info  # chance: one ID in 300

@@ -56,3 +56,19 @@ def test_beam_survival_falls_and_bounds_the_beams_recall(fitted):
     agreement = diagnose.code_agreement(index, queries, int(Modality.TEXT), targets)
     assert len(agreement) == index.quantizer.num_levels
     assert all(b <= a for a, b in zip(agreement, agreement[1:]))
+
+
+def test_rerank_ceiling_holds_more_with_depth_and_meets_flat_at_the_whole_pool(fitted):
+    import peers_data
+
+    index, queries, relevance = fitted
+    pool = index.vectors[np.arange(len(index))].astype(np.float32)
+    task = peers_data.PoolTask("synthetic", Modality.TEXT, Modality.TEXT, pool, queries[:0], np.zeros(0, np.int64),
+                               queries, relevance, "the generated target")
+    rows = diagnose.rerank_ceiling(index, task, (5, 50, 10 * len(pool)))
+    assert [r["depth"] for r in rows] == [5, 50, len(pool)]  # depths beyond the pool are the pool
+    holds = [r["holds_relevant"] for r in rows]
+    assert holds == sorted(holds) and holds[-1] == 1.0
+    for r in rows:
+        assert r["r10"] <= r["holds_relevant"] + 1e-9
+    assert {k: rows[-1][k] for k in ("r1", "r5", "r10")} == diagnose.flat_recall(task)

@@ -149,19 +149,26 @@ def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task, tmp_path
     # the codebook-scored ablation searches the same model and names its rows
     cb_plain, cb_reranked = peers_methods.genius_methods(index, 10, plain.build_s, 30.0, "_cb30")
     assert (cb_plain.name, cb_reranked.name) == ("genius_cb30", "genius_r_cb30")
-    assert cb_plain.info["codebook_weight"] == 30.0 and plain.info["codebook_weight"] == cfg.codebook_weight
+    assert cb_plain.info["codebook_weight"] == 30.0 and plain.info["codebook_weight"] == index.codebook_weight()
     assert _recall(cb_plain.search(task.test_queries, 10), task) > 10 * chance
     # so does the widened-beam ablation; a beam as wide as every prefix finds no less than beam 10
     widths = [len(index)] * (index.quantizer.num_levels - 1)
     lw_plain, lw_reranked = peers_methods.genius_methods(index, 10, plain.build_s, suffix="_lwall", level_widths=widths)
     assert (lw_plain.name, lw_reranked.name) == ("genius_lwall", "genius_r_lwall")
-    assert lw_plain.info["level_widths"] == widths and plain.info["level_widths"] == []
+    assert lw_plain.info["level_widths"] == widths and plain.info["level_widths"] == cfg.level_widths
     assert _recall(lw_reranked.search(task.test_queries, 10), task) >= r_rr - 0.02
 
 
 def test_level_widths_rows_parse_as_comma_separated_integers():
-    args = peers.parse_args(["--level-widths", "64", "32", "--level-widths-rows", "256,400,200", ""])
+    args = peers.parse_args(["--level-widths", "64", "32", "--level-widths-rows", "256,400,200", "",
+                             "--lookahead-rows", "2", "--lookahead-rows-rows", "4", "16"])
     assert args.level_widths == [64, 32] and args.level_widths_rows == [[256, 400, 200], []]
+    assert args.lookahead_rows == 2 and args.lookahead_rows_rows == [4, 16]
+    cfg = peers.genius_config(100_000, args)
+    assert (cfg.level_widths, cfg.lookahead_rows) == ([64, 32], 2)
+    defaults = peers.genius_config(100_000, peers.parse_args([]))  # the library's defaults
+    assert (defaults.level_widths, defaults.lookahead_rows) == (IndexConfig.for_corpus(100_000).level_widths,
+                                                                IndexConfig().lookahead_rows)
     with pytest.raises(SystemExit):
         peers.parse_args(["--level-widths-rows", "256,x"])
 

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli import main
+from genius.index import GeniusIndex
 from genius.synthetic import make_synthetic
 
 
@@ -37,7 +38,10 @@ def test_fit_info_search(tables, capsys):
     root, data, keys = tables
     out = root / "index"
     assert main(["fit", "--corpus", str(root / "corpus.parquet"), "--queries", str(root / "queries.parquet"),
-                 "--out", str(out), "--quantizer-epochs", "3", "--decoder-epochs", "3", "--quiet"]) == 0
+                 "--out", str(out), "--quantizer-epochs", "3", "--decoder-epochs", "3", "--quiet",
+                 "--codebook-weight", "50", "--level-widths", "8", "4", "--lookahead-rows", "2"]) == 0
+    stored = GeniusIndex.load(out).config  # the beam's options are stored with the index
+    assert (stored.codebook_weight, stored.level_widths, stored.lookahead_rows) == (50.0, [8, 4], 2)
     assert main(["info", "--index", str(out)]) == 0
     assert f"items: {len(keys)}" in capsys.readouterr().out
     results = root / "results.parquet"
@@ -49,6 +53,11 @@ def test_fit_info_search(tables, capsys):
     assert set(table["query"]) == set(range(5))
     assert all(k in keys for k in table["key"])
     assert all(keys[i] == k for i, k in zip(table["item"], table["key"]))
+    # ... and a search can set them otherwise (no widths: --beam throughout)
+    plain = root / "plain.parquet"
+    assert main(["search", "--index", str(out), "--queries", str(root / "test.parquet"), "--out", str(plain),
+                 "-k", "5", "--beam", "10", "--codebook-weight", "0", "--level-widths", "--lookahead-rows", "0"]) == 0
+    assert set(pq.read_table(plain).to_pydict()["key"]) <= set(keys)
 
 
 def test_bad_row_names_file_and_row(tables, tmp_path, caplog):

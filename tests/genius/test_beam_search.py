@@ -124,7 +124,9 @@ def test_codebook_scored_full_beam_is_the_brute_force_ranking(seed, weight):
     codes, modality, trie, decoder, queries = make_case(200 + seed, max_items=40)
     ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
     scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
-    result = beam_search(decoder, trie, queries, beam_size=len(ids), codebook_scores=scores, codebook_weight=weight)
+    # Every modality searched (min_modality_prob 0): the brute force ranks all IDs.
+    result = beam_search(decoder, trie, queries, beam_size=len(ids), codebook_scores=scores, codebook_weight=weight,
+                         min_modality_prob=0.0)
     with torch.no_grad():
         for q in range(len(queries)):
             combined = brute_force_scores(decoder, queries[q : q + 1], ids, "allowed") + weight * codebook_total(
@@ -139,7 +141,8 @@ def test_codebook_scored_beam_emits_only_valid_ids(seed):
     codes, modality, trie, decoder, queries = make_case(300 + seed)
     valid = {(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)}
     scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
-    result = beam_search(decoder, trie, queries, beam_size=7, codebook_scores=scores, codebook_weight=2.0)
+    result = beam_search(decoder, trie, queries, beam_size=7, codebook_scores=scores, codebook_weight=2.0,
+                         min_modality_prob=0.0)
     live = np.isfinite(result.scores)
     assert (live.sum(1) == min(7, len(valid))).all()
     assert {tuple(int(c) for c in row) for row in result.codes[live]} <= valid
@@ -165,6 +168,34 @@ def test_the_codebook_bonus_leaves_the_modality_to_the_decoder():
     skewed = beam_search(decoder, trie, queries, beam_size=3, codebook_scores=(100 * modality_scores, levels),
                          codebook_weight=5.0)
     np.testing.assert_array_equal(plain.codes, skewed.codes)
+
+
+def modality_probs(decoder, trie, query: torch.Tensor) -> np.ndarray:
+    """The decoder's first-step distribution over the trie's modalities (0 for absent ones)."""
+    with torch.no_grad():
+        logits = decoder(query[None], torch.zeros((1, 1 + decoder.num_levels), dtype=torch.long))[0][0]
+    present = torch.zeros(3, dtype=torch.bool)
+    present[[int(m) for m in trie.modalities]] = True
+    return torch.softmax(logits.masked_fill(~present, float("-inf")), -1).numpy()
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.3, 0.4, 1.0])
+def test_modalities_the_decoder_rules_out_are_not_searched_once_the_codes_score(floor):
+    codes, modality, trie, decoder, queries = make_case(13, max_items=60)
+    assert len(set(modality.tolist())) == 3
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, 2)
+    result = beam_search(decoder, trie, queries, beam_size=len(codes), codebook_scores=scores, codebook_weight=2.0,
+                         min_modality_prob=floor)
+    decoder_only = beam_search(decoder, trie, queries, beam_size=len(codes), min_modality_prob=floor)
+    for q in range(len(queries)):
+        probs = modality_probs(decoder, trie, queries[q])
+        kept = {m for m in range(3) if probs[m] >= floor} | {int(probs.argmax())}
+        found = set(result.codes[q, np.isfinite(result.scores[q]), 0].tolist())
+        assert found == kept, (probs, found)  # a full beam reaches every kept modality
+        # Without the codes the decoder's own scores already weigh the modalities: nothing is dropped.
+        assert set(decoder_only.codes[q, np.isfinite(decoder_only.scores[q]), 0].tolist()) == set(range(3))
+    with pytest.raises(ValueError, match="min_modality_prob"):
+        beam_search(decoder, trie, queries, codebook_scores=scores, codebook_weight=2.0, min_modality_prob=1.5)
 
 
 def test_codebook_scores_must_match_the_trie():
@@ -198,7 +229,7 @@ def test_exhaustive_early_widths_find_the_brute_force_best_with_a_beam_of_one(se
     scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
     widths = [len(ids)] * codes.shape[1]
     result = beam_search(decoder, trie, queries, beam_size=1, codebook_scores=scores, codebook_weight=2.0,
-                         level_widths=widths)
+                         level_widths=widths, min_modality_prob=0.0)
     assert result.codes.shape == (len(queries), 1, 1 + codes.shape[1])
     with torch.no_grad():
         for q in range(len(queries)):
@@ -236,3 +267,56 @@ def test_rejects_bad_level_widths():
     _, _, trie, decoder, queries = make_case(3)
     with pytest.raises(ValueError, match="level_widths"):
         beam_search(decoder, trie, queries, level_widths=[4, 0])
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 1000])
+def test_best_completion_is_the_best_remaining_score_of_a_prefixs_rows(max_rows):
+    from genius.beam_search import best_completion
+    from genius.trie import TrieState
+
+    codes, modality, trie, decoder, queries = make_case(21, max_items=70)
+    levels = codes.shape[1]
+    rest = np.random.default_rng(0).normal(size=(2, levels, trie.codec.codebook_size))
+    part = trie.partitions[0]
+    ids = trie.codec.unpack(np.asarray(part.ids))
+    for level in range(1, levels):
+        prefixes = sorted({tuple(row[:level]) for row in ids.tolist()})
+        lo = np.array([min(i for i, r in enumerate(ids.tolist()) if tuple(r[:level]) == p) for p in prefixes])
+        hi = np.array([max(i for i, r in enumerate(ids.tolist()) if tuple(r[:level]) == p) + 1 for p in prefixes])
+        state = TrieState(np.zeros(len(lo), np.int64), lo, hi, np.zeros(len(lo), np.int64))
+        query_of = np.arange(len(lo)) % 2
+        got = best_completion(trie, state, level, rest, query_of, max_rows)
+        for i in range(len(lo)):
+            rows = range(lo[i], hi[i]) if hi[i] - lo[i] <= max_rows else \
+                [lo[i] + j * (hi[i] - lo[i]) // max_rows for j in range(max_rows)]
+            want = max(sum(rest[query_of[i], l, ids[r, l]] for l in range(level, levels)) for r in rows)
+            assert got[i] == pytest.approx(want)
+    assert (best_completion(trie, state, levels, rest, query_of, max_rows) == 0).all()  # complete IDs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_lookahead_finds_the_codes_best_id_with_a_beam_of_one(seed):
+    # Every row read and every candidate estimated: each level keeps the prefix holding the
+    # best complete ID, so a beam of one ends on the codes' brute-force best.
+    codes, modality, trie, decoder, queries = make_case(500 + seed, max_items=60)
+    if codes.shape[1] < 2:
+        codes, modality, trie, decoder, queries = make_case(600 + seed, max_items=60)
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
+    ids = sorted({(int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)})
+    m = ids[0][0]
+    of_m = [i for i in ids if i[0] == m]
+    ahead = beam_search(decoder, trie, queries, beam_size=1, target_modalities=[Modality(m)],
+                        codebook_scores=scores, codebook_weight=1e4, lookahead_rows=10**6, lookahead_pool=10**6)
+    for q in range(len(queries)):
+        best = of_m[int(codebook_total(scores, q, of_m).argmax())]
+        assert tuple(ahead.codes[q, 0].tolist()) == best
+    valid = {tuple(i) for i in of_m}
+    assert {tuple(int(c) for c in row) for row in ahead.codes[:, 0]} <= valid
+
+
+def test_lookahead_options_are_checked():
+    codes, _, trie, decoder, queries = make_case(3)
+    with pytest.raises(ValueError, match="lookahead"):
+        beam_search(decoder, trie, queries, lookahead_rows=-1)
+    with pytest.raises(ValueError, match="lookahead"):
+        beam_search(decoder, trie, queries, lookahead_pool=0)

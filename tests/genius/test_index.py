@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 
-from genius.index import GeniusIndex, IndexConfig
+from genius.codes_check import check_codes
+from genius.index import LARGE_CORPUS_WIDTHS, GeniusIndex, IndexConfig
 from genius.metrics import exact_knn, recall_at_k
 from genius.modality import Modality
 
@@ -135,7 +136,43 @@ def test_bad_requests_are_refused_clearly(data, index, tmp_path):
 
 def test_configs_saved_before_the_codebook_weight_keep_the_decoder_only_beam():
     saved = IndexConfig.for_corpus(1000).to_dict()
-    saved["codebook_weight"] = 100.0
-    assert IndexConfig.from_dict(saved).codebook_weight == 100.0
-    del saved["codebook_weight"]
-    assert IndexConfig.from_dict(saved).codebook_weight == 0.0
+    saved["codebook_weight"], saved["level_widths"], saved["lookahead_rows"] = 100.0, [8, 4], 2
+    loaded = IndexConfig.from_dict(saved)
+    assert (loaded.codebook_weight, loaded.level_widths, loaded.lookahead_rows) == (100.0, [8, 4], 2)
+    del saved["codebook_weight"], saved["level_widths"], saved["lookahead_rows"]
+    loaded = IndexConfig.from_dict(saved)
+    assert (loaded.codebook_weight, loaded.level_widths, loaded.lookahead_rows) == (0.0, [], 0)
+
+
+def test_large_corpora_get_the_widened_beam():
+    assert IndexConfig.for_corpus(1000).level_widths == []
+    assert IndexConfig.for_corpus(200_000).level_widths == list(LARGE_CORPUS_WIDTHS)
+
+
+def test_fit_finds_its_codes_usable_and_scrambled_codes_are_not(data, index):
+    assert index.config.codes_usable
+    items = np.arange(len(index))
+    codes = index.item_codes(items)
+    check = check_codes(index.quantizer, data.train_queries.embeddings, data.corpus.embeddings, codes,
+                        data.train_targets)
+    assert check.codes_usable and check.codes_recall > 10 * 10 / check.candidates, check
+    scrambled = codes.copy()
+    scrambled[:, 1:] = np.random.default_rng(0).permutation(codes[:, 1:])  # every item gets another's ID
+    bad = check_codes(index.quantizer, data.train_queries.embeddings, data.corpus.embeddings, scrambled,
+                      data.train_targets)
+    assert bad.projected_recall == check.projected_recall and not bad.codes_usable, bad
+
+
+def test_unusable_codes_leave_the_beam_to_the_decoder_unless_a_search_asks(data, index):
+    queries = data.test_queries[:16]
+    index.config.codes_usable = False
+    try:
+        assert index.codebook_weight() == 0.0 and index.codebook_weight(30.0) == 30.0
+        plain = index.search(queries, k=5, beam_size=BEAM, rerank=False)
+        asked = index.search(queries, k=5, beam_size=BEAM, rerank=False, codebook_weight=30.0)
+    finally:
+        index.config.codes_usable = True
+    np.testing.assert_array_equal(plain.items, index.search(queries, k=5, beam_size=BEAM, rerank=False,
+                                                            codebook_weight=0.0).items)
+    np.testing.assert_array_equal(asked.items, index.search(queries, k=5, beam_size=BEAM, rerank=False,
+                                                            codebook_weight=30.0).items)
