@@ -153,7 +153,7 @@ def fit(task: peers_data.PoolTask, args: argparse.Namespace, epochs: int | None 
     return index, len(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pool", type=int, default=10000, help="pool size, a subset of all synsets (0: all; default 10000)")
     p.add_argument("--train-sample", type=int, default=500, help="training queries scored for memorisation (default 500)")
@@ -179,9 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level-widths", type=int, nargs="*",
                    help="as in bench/peers.py: beam widths of the first levels (default: IndexConfig's; no "
                         "value: --beam throughout)")
+    p.add_argument("--lookahead-rows", type=int,
+                   help="as in bench/peers.py: rows read per prefix by the beam's lookahead (default: "
+                        "IndexConfig's; 0: none)")
     p.add_argument("--refit-codebooks", action="store_true", help="as in bench/peers.py")
     p.add_argument("--progress", action="store_true", help="progress bars while GENIUS trains")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": " ".join(["python bench/diagnose.py", *sys.argv[1:]]), "task": task.summary(),
         "levels": int(index.quantizer.num_levels), "codebook_size": int(index.quantizer.codebook_size),
-        "beam": args.beam, "level_widths": list(index.config.level_widths), "train_pairs": num_pairs,
+        "beam": args.beam, "level_widths": list(index.config.level_widths),
+        "lookahead_rows": index.config.lookahead_rows, "train_pairs": num_pairs,
         "beam_survival": {
             "decoder": beam_survival(index, task.test_queries, targets, args.beam, 0.0),
             "codes_only": beam_survival(index, task.test_queries, targets, args.beam, DOMINANT),
@@ -255,7 +263,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Where GENIUS loses the target (`{r['command']}`)", "",
              f"WordNet definition -> synset, pool {s['pool']:,}, {s['test_queries']} held-out queries, "
              f"{r['train_pairs']:,} training pairs; {levels} levels x {r['codebook_size']} codes; beam {r['beam']}"
-             + (f", widths {r['level_widths']} at the first levels" if r.get("level_widths") else "") + ".", "",
+             + (f", widths {r['level_widths']} at the first levels" if r.get("level_widths") else "")
+             + (f", lookahead {r['lookahead_rows']} rows (with the codes)" if r.get("lookahead_rows") else "") + ".",
+             "",
              "## A relevant ID's prefix still in the beam after each step", "",
              "| beam | " + " | ".join(steps) + " |", "|---|" + "---:|" * len(steps)]
     names = {"decoder": "decoder, held-out queries", "codes_only": "codes alone, held-out queries",

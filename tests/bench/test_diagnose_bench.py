@@ -72,3 +72,13 @@ def test_rerank_ceiling_holds_more_with_depth_and_meets_flat_at_the_whole_pool(f
     for r in rows:
         assert r["r10"] <= r["holds_relevant"] + 1e-9
     assert {k: rows[-1][k] for k in ("r1", "r5", "r10")} == diagnose.flat_recall(task)
+
+
+def test_options_make_the_fit_config_bench_peers_makes():
+    import peers
+
+    cfg = peers.genius_config(100_000, diagnose.parse_args(["--levels", "12", "--lookahead-rows", "2",
+                                                           "--level-widths", "8", "4"]))
+    assert (cfg.quantizer.num_levels, cfg.lookahead_rows, cfg.level_widths) == (12, 2, [8, 4])
+    defaults = peers.genius_config(100_000, diagnose.parse_args([]))
+    assert defaults.lookahead_rows == IndexConfig().lookahead_rows
