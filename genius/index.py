@@ -66,7 +66,8 @@ class IndexConfig:
     # It is 1/temperature of those inner products, which the quantizer's contrastive loss
     # trains as logits at temperature 0.01. Full-pool WordNet, beam 50: R@10 0.127 with 0,
     # 0.190 with 100 at 5 x 256 (bench/results/peers.md); 0.234 with 100 and 0.251 with 300
-    # at 12 x 256 with the level widths below (peers-genius-12x256-lw.md).
+    # at 12 x 256 with the level widths below (peers-genius-12x256-lw.md), 0.276 with the
+    # lookahead too (peers-genius-12x256-la.md).
     codebook_weight: float = 300.0
     # With the codes scoring the beam, the modalities the decoder gives less than this are
     # not searched: the codes' scores do not compare across modalities where a query lies
