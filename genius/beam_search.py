@@ -24,7 +24,7 @@ score alone. Cost grows with the beam, not with the corpus.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,9 +134,8 @@ def best_completion(trie: Trie, state: TrieState, level: int, rest_scores: np.nd
     summed scores of the codes after `level`. rest_scores: (Q, L, K) weighted code scores;
     query_of: each prefix's query."""
     num_levels = trie.codec.num_levels
-    out = np.zeros(len(state.lo), dtype=np.float64)
-    if level >= num_levels or len(out) == 0:
-        return out
+    if level >= num_levels or len(state.lo) == 0:
+        return np.zeros(len(state.lo), dtype=np.float64)
     span = state.hi - state.lo
     count = np.minimum(span, max_rows)
     start = np.cumsum(count) - count
@@ -152,23 +151,44 @@ def best_completion(trie: Trie, state: TrieState, level: int, rest_scores: np.nd
     return np.maximum.reduceat(scores, start)
 
 
-def _select(candidates: torch.Tensor, keep: int, lookahead: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Lookahead:
+    """How one level's prefixes are pruned with `best_completion`: among the `pool` best by
+    score, the best by score plus the best remaining code score over up to `max_rows` rows.
+    child_states(query, flat_index) gives the trie positions of candidates."""
+
+    pool: int
+    child_states: Callable[[np.ndarray, np.ndarray], TrieState]
+    level: int
+    rest_scores: np.ndarray  # (Q, L, K) weighted code scores
+    trie: Trie
+    max_rows: int
+
+
+def _select(candidates: torch.Tensor, keep: int,
+            lookahead: Lookahead | None) -> tuple[torch.Tensor, torch.Tensor, TrieState | None]:
     """The (Q, keep) scores and flat indices of the prefixes kept from (Q, width, n) candidates:
-    the best by score, or with `lookahead` = (pool, child_states, level, rest_scores, trie,
-    max_rows) the best by score plus best_completion among the `pool` best by score."""
+    the best by score, or by score plus best_completion under `lookahead`, which also gives the
+    kept live prefixes' trie positions (row-major; None without a lookahead)."""
     Q = candidates.shape[0]
     flat = candidates.view(Q, -1)
     if lookahead is None:
-        return flat.topk(keep, dim=-1)
-    pool, child_states, level, rest_scores, trie, max_rows = lookahead
-    pre_scores, pre_index = flat.topk(min(pool, flat.shape[1]), dim=-1)
+        top_scores, top_index = flat.topk(keep, dim=-1)
+        return top_scores, top_index, None
+    pre_scores, pre_index = flat.topk(min(lookahead.pool, flat.shape[1]), dim=-1)
     query_of, slot = np.nonzero(torch.isfinite(pre_scores).cpu().numpy())
-    chosen = pre_index.cpu().numpy()[query_of, slot]
+    states = lookahead.child_states(query_of, pre_index.cpu().numpy()[query_of, slot])
     bonus = np.zeros(tuple(pre_scores.shape), dtype=np.float32)
-    bonus[query_of, slot] = best_completion(trie, child_states(query_of, chosen), level, rest_scores, query_of,
-                                            max_rows)
+    bonus[query_of, slot] = best_completion(lookahead.trie, states, lookahead.level, lookahead.rest_scores, query_of,
+                                            lookahead.max_rows)
     order = (pre_scores + torch.from_numpy(bonus).to(pre_scores.device)).topk(keep, dim=-1).indices
-    return pre_scores.gather(1, order), pre_index.gather(1, order)
+    top_scores = pre_scores.gather(1, order)
+    # Live kept prefixes are live pool entries (a dead one's score stays -inf): reuse their states.
+    position = np.full(tuple(pre_scores.shape), -1, dtype=np.int64)
+    position[query_of, slot] = np.arange(len(query_of))
+    kept = np.take_along_axis(position, order.cpu().numpy(), axis=1).reshape(-1)
+    live = torch.isfinite(top_scores).cpu().numpy().reshape(-1)
+    return top_scores, pre_index.gather(1, order), states.take(kept[live])
 
 
 def step_width(step: int, num_levels: int, beam_size: int, level_widths: Sequence[int]) -> int:
@@ -278,15 +298,17 @@ def beam_search(
 
         lookahead = None
         if rest_scores is not None and 1 <= step < L:
-            lookahead = (lookahead_pool * keep, child_states, step, rest_scores, trie, lookahead_rows)
-        top_scores, top_index = _select(candidates, keep, lookahead)
+            lookahead = Lookahead(lookahead_pool * keep, child_states, step, rest_scores, trie, lookahead_rows)
+        top_scores, top_index, kept_states = _select(candidates, keep, lookahead)
         new_alive = torch.isfinite(top_scores).cpu().numpy().reshape(-1)
         parent = (top_index // n).cpu().numpy()
         code = (top_index % n).cpu().numpy()
 
         # Trie positions of the new live beams.
-        chosen = np.flatnonzero(new_alive)
-        if step >= 1:
+        if kept_states is not None:
+            state = kept_states
+        elif step >= 1:
+            chosen = np.flatnonzero(new_alive)
             state = child_states(chosen // keep, top_index.cpu().numpy().reshape(-1)[chosen])
 
         history = np.concatenate(

@@ -320,3 +320,22 @@ def test_lookahead_options_are_checked():
         beam_search(decoder, trie, queries, lookahead_rows=-1)
     with pytest.raises(ValueError, match="lookahead"):
         beam_search(decoder, trie, queries, lookahead_pool=0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_partial_lookahead_emits_valid_ids_carrying_their_own_items(seed):
+    # A few rows read per prefix: the kept prefixes' trie positions come from the lookahead's
+    # own estimate, so every result must still carry exactly the items of its ID.
+    codes, modality, trie, decoder, queries = make_case(700 + seed)
+    items_of: dict[tuple, set] = {}
+    for i, key in enumerate((int(m),) + tuple(int(c) for c in row) for m, row in zip(modality, codes)):
+        items_of.setdefault(key, set()).add(i)
+    scores = random_codebook_scores(queries, codes.shape[1], trie.codec.codebook_size, seed)
+    result = beam_search(decoder, trie, queries, beam_size=3, codebook_scores=scores, codebook_weight=2.0,
+                         min_modality_prob=0.0, lookahead_rows=2, lookahead_pool=2)
+    for q in range(len(queries)):
+        live = np.isfinite(result.scores[q])
+        assert live.sum() == min(3, len(items_of))
+        for w in np.flatnonzero(live):
+            key = tuple(int(c) for c in result.codes[q, w])
+            assert set(result.items[q][w].tolist()) == items_of[key]
