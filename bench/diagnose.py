@@ -59,7 +59,7 @@ def beam_survival(index: Any, queries: np.ndarray, targets: list[np.ndarray], be
     for a in range(0, len(queries), index.config.query_batch):
         trace: list[np.ndarray] = []
         chunk = torch.from_numpy(np.ascontiguousarray(queries[a : a + index.config.query_batch]))
-        index.beam(chunk, beam, codebook_weight=codebook_weight, trace=trace)
+        index.beam(chunk, beam, settings=index.beam_settings(codebook_weight), trace=trace)
         for step, prefixes in enumerate(trace):
             if len(alive_by_step) <= step:
                 alive_by_step.append([])

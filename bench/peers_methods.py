@@ -219,12 +219,10 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
                 out[q, : len(order)] = items[order]
         return out
 
-    weight = index.codebook_weight(codebook_weight)
-    widths = list(index.config.level_widths if level_widths is None else level_widths)
-    lookahead = index.config.lookahead_rows if lookahead_rows is None else lookahead_rows
+    settings = index.beam_settings(codebook_weight, level_widths, lookahead_rows)
     info = {"fit_config": _config_summary(index.config), "trie_bytes_per_item": round(trie_bytes, 2),
-            "model_bytes": int(model_bytes), "beam": beam, "level_widths": widths, "codebook_weight": weight,
-            "lookahead_rows": lookahead,
+            "model_bytes": int(model_bytes), "beam": beam, "level_widths": list(settings.level_widths),
+            "codebook_weight": settings.codebook_weight, "lookahead_rows": settings.lookahead_rows,
             "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0))
                                 if distinct_ids is None else distinct_ids)}
     plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)

@@ -130,6 +130,18 @@ class IndexConfig:
         return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class BeamSettings:
+    """How one search's beam is scored and pruned (IndexConfig's fields of the same names,
+    which a search may override): GeniusIndex.beam_settings resolves them."""
+
+    codebook_weight: float
+    level_widths: tuple[int, ...]
+    lookahead_rows: int
+    lookahead_pool: int
+    min_modality_prob: float
+
+
 @dataclass
 class SearchResult:
     items: np.ndarray  # (Q, k) item numbers, -1 where fewer than k were found
@@ -308,8 +320,8 @@ class GeniusIndex:
         beam_size = beam_size or self.config.beam_size
         query_emb = self._check_queries(self.embed(queries))
         all_items, all_scores = [], []
-        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities, codebook_weight,
-                                                      level_widths, lookahead_rows):
+        settings = self.beam_settings(codebook_weight, level_widths, lookahead_rows)
+        for chunk, beams, wanted in self._beam_search(query_emb, beam_size, target_modalities, settings):
             ranking = self._rank(beams, chunk, k, rerank, rerank_with, wanted)
             all_items.append(ranking.items)
             all_scores.append(ranking.scores)
@@ -333,8 +345,9 @@ class GeniusIndex:
         replica scatters them to shard servers)."""
         query_emb = self._check_queries(self.embed(query_emb))
         out = []
+        settings = self.beam_settings(codebook_weight, level_widths, lookahead_rows)
         for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities,
-                                                  codebook_weight, level_widths, lookahead_rows):
+                                                  settings):
             keep = self.item_filter(wanted)
             out.extend(candidates(beams, q, keep) for q in range(len(beams.items)))
         return out
@@ -344,9 +357,7 @@ class GeniusIndex:
             raise ValueError(f"query embeddings have shape {query_emb.shape}, index expects dim {self.decoder.embed_dim}")
         return query_emb
 
-    def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities,
-                     codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
-                     lookahead_rows: int | None = None):
+    def _beam_search(self, query_emb: np.ndarray, beam_size: int, target_modalities, settings: BeamSettings):
         """(query chunk, its beams, its wanted-modality rows or None) per chunk of config.query_batch."""
         per_query = per_query_modalities(target_modalities, len(query_emb))
         wanted = None if per_query is None else _modality_rows(per_query)
@@ -357,32 +368,36 @@ class GeniusIndex:
             first_step = None
             if chunk_wanted is not None and self.quantizer.use_modality_code:
                 first_step = [np.flatnonzero(row).tolist() for row in chunk_wanted]
-            beams = self.beam(chunk, beam_size, first_step, codebook_weight, level_widths=level_widths,
-                              lookahead_rows=lookahead_rows)
+            beams = self.beam(chunk, beam_size, first_step, settings)
             yield chunk, beams, chunk_wanted
 
-    def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None, codebook_weight: float | None = None,
-             trace: list | None = None, level_widths: Sequence[int] | None = None,
-             lookahead_rows: int | None = None):
+    def beam(self, query_emb: torch.Tensor, beam_size: int, target_modalities=None,
+             settings: BeamSettings | None = None, trace: list | None = None):
         """The trie-constrained beam search of one chunk of query embeddings, scored by the
-        decoder and, with a codebook weight (default: the config's), by the codes; wider at the
-        first levels as level_widths, pruned with lookahead_rows (defaults: the config's).
-        `trace`: a list that receives each step's prefixes (beam_search's)."""
-        weight = self.codebook_weight(codebook_weight)
-        widths = self.config.level_widths if level_widths is None else level_widths
+        decoder and, with a codebook weight, by the codes (settings: the config's unless
+        given). `trace`: a list that receives each step's prefixes (beam_search's)."""
+        settings = settings or self.beam_settings()
+        weight = settings.codebook_weight
         scores = self.quantizer.code_scores(query_emb) if weight else None
         return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
                            codebook_scores=scores, codebook_weight=weight, trace=trace,
-                           level_widths=widths, min_modality_prob=self.config.min_modality_prob,
-                           lookahead_rows=self.config.lookahead_rows if lookahead_rows is None else lookahead_rows,
-                           lookahead_pool=self.config.lookahead_pool)
+                           level_widths=settings.level_widths, min_modality_prob=settings.min_modality_prob,
+                           lookahead_rows=settings.lookahead_rows, lookahead_pool=settings.lookahead_pool)
 
-    def codebook_weight(self, override: float | None = None) -> float:
-        """The weight of the codes' score in the beam: `override`, else the config's (0 where
-        fit found the codes unusable)."""
-        if override is not None:
-            return override
-        return self.config.codebook_weight if self.config.codes_usable else 0.0
+    def beam_settings(self, codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
+                      lookahead_rows: int | None = None) -> BeamSettings:
+        """The beam's settings: the config's, each overridden where given. The config's codebook
+        weight applies only where fit found the codes usable (a weight given always does)."""
+        config = self.config
+        if codebook_weight is None:
+            codebook_weight = config.codebook_weight if config.codes_usable else 0.0
+        return BeamSettings(
+            codebook_weight=float(codebook_weight),
+            level_widths=tuple(config.level_widths if level_widths is None else level_widths),
+            lookahead_rows=config.lookahead_rows if lookahead_rows is None else lookahead_rows,
+            lookahead_pool=config.lookahead_pool,
+            min_modality_prob=config.min_modality_prob,
+        )
 
     def item_filter(self, wanted: np.ndarray | None):
         """The filter of a beam's items: not deleted, and of a wanted modality when asked."""

@@ -149,7 +149,7 @@ def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task, tmp_path
     # the codebook-scored ablation searches the same model and names its rows
     cb_plain, cb_reranked = peers_methods.genius_methods(index, 10, plain.build_s, 30.0, "_cb30")
     assert (cb_plain.name, cb_reranked.name) == ("genius_cb30", "genius_r_cb30")
-    assert cb_plain.info["codebook_weight"] == 30.0 and plain.info["codebook_weight"] == index.codebook_weight()
+    assert cb_plain.info["codebook_weight"] == 30.0 and plain.info["codebook_weight"] == index.beam_settings().codebook_weight
     assert _recall(cb_plain.search(task.test_queries, 10), task) > 10 * chance
     # so does the widened-beam ablation; a beam as wide as every prefix finds no less than beam 10
     widths = [len(index)] * (index.quantizer.num_levels - 1)

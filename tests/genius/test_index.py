@@ -167,7 +167,7 @@ def test_unusable_codes_leave_the_beam_to_the_decoder_unless_a_search_asks(data,
     queries = data.test_queries[:16]
     index.config.codes_usable = False
     try:
-        assert index.codebook_weight() == 0.0 and index.codebook_weight(30.0) == 30.0
+        assert index.beam_settings().codebook_weight == 0.0 and index.beam_settings(30.0).codebook_weight == 30.0
         plain = index.search(queries, k=5, beam_size=BEAM, rerank=False)
         asked = index.search(queries, k=5, beam_size=BEAM, rerank=False, codebook_weight=30.0)
     finally:
