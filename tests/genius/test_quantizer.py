@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from genius.modality import Modality
 from genius.quantizer import (
+    FULL_ID_CORPUS,
     ModalResidualQuantizer,
     QuantizerConfig,
     common_prefix_length,
@@ -398,8 +400,10 @@ def test_for_corpus_suggests_small_codebooks_for_small_corpora(n: int) -> None:
     k = cfg.codebook_size
     assert k & (k - 1) == 0 and 4 <= k <= 4096
     assert k <= 2 * n**0.5 or k == 4
-    assert 2 <= cfg.num_levels <= 8
+    assert 2 <= cfg.num_levels and cfg.num_levels * math.log2(k) <= 96  # the 12-byte ID
     assert k**cfg.num_levels >= n  # room for distinct IDs
+    if n >= FULL_ID_CORPUS:  # finer codes fill the ID
+        assert k >= 256 and cfg.num_levels * math.log2(k) > 96 - math.log2(k)
     assert 0 < cfg.dead_code_threshold < cfg.batch_size / k
     assert QuantizerConfig.for_corpus(n, seed=7).seed == 7
     if n == 10**9:
