@@ -148,10 +148,12 @@ def test_low_precision_variants(run):
         assert f"ours_{v}" in written["config"]["methods"]
         ag = info["agreement"]
         assert ag["queries"] == QUERIES and ag["top_k"] == 8
-        assert info["top10_agreement"] == ag["identical"] / QUERIES
+        assert info["top10_identical"] == ag["identical"] / QUERIES
+        assert info["top10_agreement"] == ag["overlap_at_k_mean"]
         assert ag["identical"] + len(ag["mismatches"]) == QUERIES
         assert ag["identical"] <= ag["same_set"]
-        assert info["overlap_at_10_mean"] >= ag["identical"] / QUERIES  # identical lists overlap fully
+        assert info["top10_agreement"] >= ag["identical"] / QUERIES  # identical lists overlap fully
+        assert set(info["speedup_vs_reference_by_batch"]) == {str(b) for b in written["config"]["batch_sizes"]}
         assert written["validity"][f"ours_{v}"]["valid"] == written["validity"][f"ours_{v}"]["emitted"]
         main = next(e for e in written["timing"]["sweep"] if e["batch"] == MAIN_BATCH)
         assert info["speedup_vs_ours_fp32"] == main["speedup_vs_ours_fp32"][f"ours_{v}"]
@@ -162,6 +164,8 @@ def test_low_precision_variants(run):
     chosen = written["lowp_variant"]
     assert chosen in ran
     assert written["lowp_top10_agreement"] == variants[chosen]["top10_agreement"]
+    assert written["lowp_top10_identical"] == variants[chosen]["top10_identical"]
+    assert written["lowp_speedup_by_batch"] == variants[chosen]["speedup_vs_reference_by_batch"]
     assert written["lowp_speedup"] == variants[chosen]["speedup_vs_reference"]["median"]
     assert written["lowp_meets_agreement_target"] == (variants[chosen]["top10_agreement"] >= 0.95)
     if not written["lowp_meets_agreement_target"]:  # then no variant reached the target
