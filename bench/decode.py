@@ -38,6 +38,7 @@ log-probabilities, like ours.
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import copy
 import json
 import logging
@@ -130,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for decode.json and decode.md")
+    p.add_argument("--rerender", type=Path, metavar="DECODE_JSON",
+                   help="decode nothing: recompute the derived fields of this recorded decode.json and rewrite "
+                        "decode.json and decode.md under --out")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -902,8 +906,68 @@ def choose_lowp(variants: dict) -> tuple[str | None, bool]:
     return max(ran, key=lambda k: (ran[k]["top10_agreement"], speed(k))), False
 
 
+def lowp_headline(result: dict) -> None:
+    """Fill, in place, each low-precision variant's agreement and speed-up by batch and the
+    headline `lowp_*` fields, from its recorded comparison with ours fp32 and the timing sweep."""
+    sweep = result["timing"]["sweep"]
+    variants = result["lowp"]["variants"]
+    for variant, info in variants.items():
+        if not info.get("supported"):
+            continue
+        n, ag = f"ours_{variant}", info["agreement"]
+        # Agreement: the share of ours fp32's top-10 IDs that the variant also returns in its
+        # top 10 (what recall@10 sees); identical ordered lists are reported beside it.
+        info.update(top10_agreement=ag["overlap_at_k_mean"], top10_identical=ag["identical_fraction"],
+                    overlap_at_10_mean=ag["overlap_at_k_mean"],
+                    speedup_vs_reference_by_batch={str(e["batch"]): e["speedup_vs_reference"][n]["median"]
+                                                   for e in sweep if n in e["speedup_vs_reference"]})
+    lowp_variant, lowp_ok = choose_lowp(variants)
+    chosen = variants.get(lowp_variant, {}) if lowp_variant else {}
+    result.update({
+        "lowp_speedup": chosen.get("speedup_vs_reference", {}).get("median"),
+        "lowp_speedup_vs_fp32": chosen.get("speedup_vs_ours_fp32", {}).get("median"),
+        "lowp_top10_agreement": chosen.get("top10_agreement"),
+        "lowp_top10_identical": chosen.get("top10_identical"),
+        "lowp_speedup_by_batch": chosen.get("speedup_vs_reference_by_batch"),
+        "lowp_variant": lowp_variant,
+        "lowp_meets_agreement_target": lowp_ok,
+    })
+    result["lowp"].update({
+        "agreement_target": LOWP_AGREEMENT_TARGET, "speedup_target": SPEEDUP_TARGET,
+        "chosen": lowp_variant, "chosen_meets_agreement_target": lowp_ok,
+        "rule": "lowp_speedup (vs the reference, wall, equal batch, at the main batch; lowp_speedup_by_batch at "
+                "every batch) and lowp_top10_agreement (mean share of ours fp32's top-10 IDs that the variant "
+                "returns in its top 10; lowp_top10_identical: share of queries whose top-10 list is identical, "
+                "order included) are the fastest variant with agreement >= target; if none reaches it, the most "
+                "agreeing one",
+    })
+
+
+def write_results(result: dict, out: Path) -> str:
+    """decode.json and decode.md under `out`; returns the text report."""
+    text = render_text(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "decode.md").write_text(render_markdown(result, text))
+    log.info("wrote %s and %s", out / "decode.json", out / "decode.md")
+    return text
+
+
+def rerender(path: Path, out: Path) -> dict:
+    """Recompute the derived low-precision fields of a recorded decode.json and rewrite it and
+    decode.md (no decoding: the measurements are the recorded ones)."""
+    result = json.loads(path.read_text())
+    lowp_headline(result)
+    result["config"]["rerendered"] = f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}: " \
+                                     "derived fields recomputed from the recorded measurements (--rerender)"
+    print(write_results(result, out))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender, Path(args.out))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -1029,16 +1093,8 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup_cpu_vs_ours_fp32": main_entry["speedup_cpu_vs_ours_fp32"][n],
             "speedup_vs_reference": main_entry["speedup_vs_reference"][n],
             "speedup_cpu_vs_reference": main_entry["speedup_cpu_vs_reference"][n],
-            # Agreement: the share of ours fp32's top-10 IDs that the variant also returns in its
-            # top 10 (what recall@10 sees); the identical ordered lists are reported beside it.
-            "top10_agreement": ag["overlap_at_k_mean"], "top10_identical": ag["identical_fraction"],
-            "overlap_at_10_mean": ag["overlap_at_k_mean"],
-            "speedup_vs_reference_by_batch": {str(e["batch"]): e["speedup_vs_reference"][n]["median"]
-                                              for e in sweep if n in e["speedup_vs_reference"]},
             "agreement": ag,
         })
-    lowp_variant, lowp_ok = choose_lowp(lowp_info)
-    chosen = lowp_info.get(lowp_variant, {}) if lowp_variant else {}
 
     result = {
         "config": {
@@ -1118,21 +1174,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "target": SPEEDUP_TARGET},
         "speedup_cpu_same_batch": sp_cpu["median"],
         "speedup_repeats": sp_wall["repeats"],
-        "lowp_speedup": chosen.get("speedup_vs_reference", {}).get("median"),
-        "lowp_speedup_vs_fp32": chosen.get("speedup_vs_ours_fp32", {}).get("median"),
-        "lowp_top10_agreement": chosen.get("top10_agreement"),
-        "lowp_top10_identical": chosen.get("top10_identical"),
-        "lowp_speedup_by_batch": chosen.get("speedup_vs_reference_by_batch"),
-        "lowp_variant": lowp_variant,
-        "lowp_meets_agreement_target": lowp_ok,
-        "lowp": {"agreement_target": LOWP_AGREEMENT_TARGET, "speedup_target": SPEEDUP_TARGET,
-                 "chosen": lowp_variant, "chosen_meets_agreement_target": lowp_ok,
-                 "rule": "lowp_speedup (vs the reference, wall, equal batch, at the main batch; "
-                         "lowp_speedup_by_batch at every batch) and lowp_top10_agreement (mean share of ours "
-                         "fp32's top-10 IDs that the variant returns in its top 10; lowp_top10_identical: share "
-                         "of queries whose top-10 list is identical, order included) are the fastest variant "
-                         "with agreement >= target; if none reaches it, the most agreeing one",
-                 "variants": lowp_info},
+        "lowp": {"variants": lowp_info},
         "agreement": agreement,
         "agreement_hf_vectorised": {"vs_hf": vec_vs_hf, "vs_ours": vec_vs_ours},
         "validity": valid,
@@ -1155,17 +1197,12 @@ def main(argv: list[str] | None = None) -> dict:
             "note": "floor = FLOPs / best measured fp32 matmul rate (the lowest floor, so the ratio is conservative)",
         },
     }
+    lowp_headline(result)
     if bf16_rates and "ours_bf16" in m:
         bf16_floor = 1000 * flops_ours["total"] / 1e9 / max(bf16_rates.values())
         result["floor"]["ours_bf16_floor_ms_per_query"] = bf16_floor
         result["floor"]["ours_bf16_x_bf16_floor"] = m["ours_bf16"]["ms_per_query"] / bf16_floor
-    text = render_text(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(result, indent=2, default=float))
-    (out / "decode.md").write_text(render_markdown(result, text))
-    print(text)
-    log.info("wrote %s and %s", out / "decode.json", out / "decode.md")
+    print(write_results(result, Path(args.out)))
     return result
 
 

@@ -180,3 +180,20 @@ def test_a_briefly_trained_decoder_learns_its_pairs(bench):
     queries, info = bench.train_briefly(decoder, codes, mods, pairs=64, epochs=60, seed=0)
     assert queries.shape == (64, 32) and info["pairs"] == 64 and info["epochs"] == 60
     assert info["final_id_accuracy"] > 0.5, info  # chance: one ID in 300
+
+
+def test_rerender_rewrites_the_derived_fields_from_the_recorded_measurements(bench, run, tmp_path):
+    _, written, _ = run
+    recorded = tmp_path / "recorded.json"
+    stale = json.loads(json.dumps(written))
+    for info in stale["lowp"]["variants"].values():  # as written before these fields existed
+        info.pop("top10_identical", None), info.pop("speedup_vs_reference_by_batch", None)
+    stale.pop("lowp_speedup_by_batch")
+    recorded.write_text(json.dumps(stale))
+    out = tmp_path / "out"
+    again = bench.main(["--rerender", str(recorded), "--out", str(out)])
+    rewritten = json.loads((out / "decode.json").read_text())
+    assert "rerendered" in rewritten["config"] and (out / "decode.md").exists()
+    for key in ("lowp_variant", "lowp_speedup", "lowp_top10_agreement", "lowp_top10_identical",
+                "lowp_speedup_by_batch", "timing"):
+        assert rewritten[key] == written[key] == again[key]
