@@ -39,20 +39,29 @@ def accuracy(results: dict[str, Any], extra_runs: dict[str, dict[str, Any]] | No
     """The accuracy issue's record: per task, GENIUS's variants and the faiss rows for reference,
     each {r1, r5, r10, pool_share_rescored}. extra_runs ({run name: its results}): GENIUS-only
     runs on the same split (e.g. another fit shape, searched from a saved fit); their variants
-    join as "RUN/variant", with each run's command and fit under "runs"."""
+    join as "RUN/variant", with each run's command and fit under "runs"; a task the base run did
+    not measure joins with the first run that did (its faiss rows too)."""
     out: dict[str, Any] = {"command": results["meta"]["command"], "created": results["meta"]["created"], "tasks": {}}
-    for task, t in results["tasks"].items():
+    summaries: dict[str, Any] = {}
+
+    def add_task(task: str, t: dict[str, Any], variants: dict[str, Any]) -> None:
         rows = t["methods"]
+        summaries[task] = t["summary"]
         out["tasks"][task] = {
             "pool": t["summary"]["pool"],
-            "variants": _variants(rows),
+            "variants": variants,
             "faiss": {m: {k: rows[m][k] for k in ACCURACY_KEYS[:3]} for m in _ordered(rows)
                       if not m.startswith("genius")},
         }
+
+    for task, t in results["tasks"].items():
+        add_task(task, t, _variants(t["methods"]))
     for run, extra in (extra_runs or {}).items():
         out.setdefault("runs", {})[run] = {"command": extra["meta"]["command"], "created": extra["meta"]["created"]}
         for task, t in extra["tasks"].items():
-            if task not in out["tasks"] or t["summary"] != results["tasks"][task]["summary"]:
+            if task not in out["tasks"]:
+                add_task(task, t, {})
+            elif t["summary"] != summaries[task]:
                 raise ValueError(f"{run}: task {task!r} is not the same split as the base run's")
             variants = _variants(t["methods"])
             out["tasks"][task]["variants"].update({f"{run}/{m}": v for m, v in variants.items()})

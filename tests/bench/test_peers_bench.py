@@ -221,6 +221,13 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
     acc = json.loads((tmp_path / "accuracy.json").read_text())
     assert acc["tasks"]["generated"]["variants"]["deep/genius"]["r5"] == 0.75
     assert acc["runs"]["deep"]["fit_config"] == {"levels": 12} and acc["runs"]["deep"]["level_widths"] == [8]
+    # ... a run of a task the base run did not measure joins with its faiss rows ...
+    elsewhere = {"meta": {"command": "python bench/peers.py --tasks openclipart", "created": "later"},
+                 "tasks": {"openclipart/text->image": {"summary": {**task.summary(), "pool": 7}, "methods": {
+                     "genius": {**row, "r5": 0.25}, "flat": {**row, "r5": 0.3}}}}}
+    joined = peers_report.accuracy(results, {"oc": elsewhere, "deep": other})["tasks"]["openclipart/text->image"]
+    assert joined["pool"] == 7 and joined["variants"]["oc/genius"]["r5"] == 0.25
+    assert joined["faiss"]["flat"]["r5"] == 0.3
     # ... and one of another split is refused
     other["tasks"]["generated"]["summary"] = {**task.summary(), "seed": 99}
     with pytest.raises(ValueError, match="same split"):
