@@ -1,10 +1,11 @@
-"""Where does GENIUS lose the target? A diagnosis on WordNet (definition -> synset).
+"""Where does GENIUS lose the target? A diagnosis on a task of bench/peers.py.
 
-    python bench/diagnose.py                          # a 10k-synset pool, ~15 min on 2 cores
+    python bench/diagnose.py                          # WordNet, a 10k-synset pool, ~15 min on 2 cores
     python bench/diagnose.py --pool 0 --grid-epochs   # the full pool, one fit
+    python bench/diagnose.py --task openclipart --pool 0 --direction 0   # text -> image, all records
 
-On the held-out definitions of `bench/peers.py`'s WordNet task (same split, same cached
-embeddings), for one fitted index:
+On the held-out queries of one of `bench/peers.py`'s tasks (same split, same cached
+embeddings; WordNet definition -> synset by default), for one fitted index:
 
 * beam survival: after each level, the share of queries with a relevant item's ID prefix
   still in the beam (is the target lost at level 1 or at level 5?), for the decoder's beam
@@ -13,6 +14,8 @@ embeddings), for one fitted index:
   like an item) shares the target's first l codes;
 * the codes' ceiling: recall of ranking every indexed ID by the codes' own score
   (projected query . reconstruction, exhaustive): what a perfect decoder of these codes gets;
+  beside it the projection's (projected query . projected item, unquantized) and flat search's,
+  which split what the learned projection loses from what quantizing it loses;
   and the re-rank ceiling: the codes' exhaustive top 50/100/200 re-scored exactly, beside
   flat search (what GENIUS+R could reach with a beam that never lost the target);
 * memorisation against generalisation: GENIUS recall on training definitions (their targets
@@ -125,6 +128,20 @@ def rerank_ceiling(index: Any, task: peers_data.PoolTask, depths: tuple[int, ...
     return out
 
 
+def projection_ceiling(index: Any, task: peers_data.PoolTask) -> dict[str, float]:
+    """Recall of ranking the pool by the quantizer's unquantized projection (projected query .
+    projected item): the codes' ceiling before quantization."""
+    import torch
+
+    with torch.no_grad():
+        items = index.quantizer.project(torch.from_numpy(np.ascontiguousarray(task.pool))).numpy()
+
+        def scores_of(chunk: np.ndarray) -> np.ndarray:
+            return index.quantizer.project(torch.from_numpy(np.ascontiguousarray(chunk))).numpy() @ items.T
+
+        return peers.ranked_recall(scores_of, task.test_queries, task.relevance)
+
+
 def flat_recall(task: peers_data.PoolTask) -> dict[str, float]:
     """Exact inner-product search over the pool: the reference of the re-rank ceiling."""
     return peers.ranked_recall(lambda chunk: chunk @ task.pool.T, task.test_queries, task.relevance)
@@ -155,7 +172,11 @@ def fit(task: peers_data.PoolTask, args: argparse.Namespace, epochs: int | None 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pool", type=int, default=10000, help="pool size, a subset of all synsets (0: all; default 10000)")
+    p.add_argument("--task", choices=peers.TASKS, default="wordnet", help="the corpus (default wordnet)")
+    p.add_argument("--direction", type=int, default=0,
+                   help="which of the corpus's tasks (Openclipart: 0 text -> image, 1 image -> text; default 0)")
+    p.add_argument("--pool", type=int, default=10000,
+                   help="pool size, a random subset of the task's pool (0: all; default 10000)")
     p.add_argument("--train-sample", type=int, default=500, help="training queries scored for memorisation (default 500)")
     p.add_argument("--grid-epochs", type=int, nargs="*", default=[],
                    help="also refit with these decoder epochs and report recall@10 (e.g. 2 12)")
@@ -172,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, kind in (("test_queries", int), ("beam", int), ("seed", int), ("cache", Path), ("decoder", str),
                        ("levels", int), ("codebook_size", int), ("quantizer_epochs", int),
                        ("quantizer_batch", int), ("decoder_epochs", int), ("decoder_batch", int),
-                       ("decoder_lr", float), ("max_records", int), ("codebook_weight", float)):
+                       ("decoder_lr", float), ("max_records", int), ("codebook_weight", float),
+                       ("encoder", str), ("stage1_epochs", int)):
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
                        help=f"as in bench/peers.py (default {value})")
@@ -194,12 +216,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    task = peers.load_tasks("wordnet", args)[0]
-    if args.pool:
+    task = peers.load_tasks(args.task, args)[args.direction]
+    subset = bool(args.pool) and args.pool < len(task.pool)
+    if subset:
         task = task.subset(args.pool, args.seed)
     saved = None
     if args.genius_index is not None:
-        saved = args.genius_index / ("wordnet" if not args.pool else f"wordnet-{args.pool}")
+        saved = args.genius_index / task.name  # where bench/peers.py saves a full-pool fit of the task
+        if subset:
+            saved = saved.with_name(f"{saved.name}-{args.pool}")
         saved.mkdir(parents=True, exist_ok=True)
     index, num_pairs = fit(task, args, saved=saved)
     targets = relevant_codes(index, task.relevance)
@@ -222,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "code_agreement_train": code_agreement(index, train_q, int(task.query_modality),
                                                relevant_codes(index, train_rel)),
         "codes_exhaustive": code_ceiling(index, task.test_queries, task.relevance),
+        "projection_exhaustive": projection_ceiling(index, task),
         "codes_exhaustive_reranked": rerank_ceiling(index, task, (50, 100, 200)),
         "flat": flat_recall(task),
         "genius_test": genius_recall(index, task.test_queries, task.relevance, args.beam),
@@ -261,7 +287,7 @@ def markdown(r: dict[str, Any]) -> str:
     levels = r["levels"]
     steps = ["modality"] + [f"level {i}" for i in range(1, levels + 1)]
     lines = [f"# Where GENIUS loses the target (`{r['command']}`)", "",
-             f"WordNet definition -> synset, pool {s['pool']:,}, {s['test_queries']} held-out queries, "
+             f"{s['name']}, pool {s['pool']:,}, {s['test_queries']} held-out queries, "
              f"{r['train_pairs']:,} training pairs; {levels} levels x {r['codebook_size']} codes; beam {r['beam']}"
              + (f", widths {r['level_widths']} at the first levels" if r.get("level_widths") else "")
              + (f", lookahead {r['lookahead_rows']} rows (with the codes)" if r.get("lookahead_rows") else "") + ".",
@@ -282,7 +308,9 @@ def markdown(r: dict[str, Any]) -> str:
                        ("genius_codes_only_test", "beam scored by the codes alone, held-out"),
                        ("genius_combined_test", f"beam scored by decoder + {r.get('codebook_weight', 0):g} x codes, "
                                                 "held-out"),
-                       ("codes_exhaustive", "every ID ranked by the codes' score (exhaustive), held-out")):
+                       ("codes_exhaustive", "every ID ranked by the codes' score (exhaustive), held-out"),
+                       ("projection_exhaustive", "every item ranked by the unquantized projection, held-out"),
+                       ("flat", "flat (exact) search in the stage-1 space, held-out")):
         v = r.get(key)
         if v is None:
             continue

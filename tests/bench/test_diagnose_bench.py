@@ -82,3 +82,25 @@ def test_options_make_the_fit_config_bench_peers_makes():
     assert (cfg.quantizer.num_levels, cfg.lookahead_rows, cfg.level_widths) == (12, 2, [8, 4])
     defaults = peers.genius_config(100_000, diagnose.parse_args([]))
     assert defaults.lookahead_rows == IndexConfig().lookahead_rows
+
+
+def test_projection_ceiling_is_the_brute_force_ranking_by_projection(fitted):
+    import peers_data
+
+    index, queries, relevance = fitted
+    pool = index.vectors[np.arange(len(index))].astype(np.float32)
+    task = peers_data.PoolTask("generated", Modality.TEXT, Modality.TEXT, pool, queries[:0], np.zeros(0, np.int64),
+                               queries, relevance, "the query's own target", {})
+    got = diagnose.projection_ceiling(index, task)
+    with torch.no_grad():
+        scores = (index.quantizer.project(queries) @ index.quantizer.project(pool).T).numpy()
+    top = np.argsort(-scores, axis=1)[:, :10]
+    for k in (1, 5, 10):
+        assert got[f"r{k}"] == pytest.approx(np.mean([np.isin(t[:k], rel).any() for t, rel in zip(top, relevance)]), abs=1e-4)
+    assert got["r10"] > 10 * 10 / len(pool)  # far above chance
+
+
+def test_the_task_options_reach_bench_peers_loader():
+    args = diagnose.parse_args(["--task", "openclipart", "--direction", "1", "--stage1-epochs", "3", "--pool", "0"])
+    assert (args.task, args.direction, args.stage1_epochs, args.pool, args.encoder) == ("openclipart", 1, 3, 0, None)
+    assert diagnose.parse_args([]).task == "wordnet"
