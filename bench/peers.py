@@ -283,6 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve", type=int, nargs="*", default=[2000, 10000],
                    help="WordNet pool sizes for the recall curve besides the full pool (default 2000 10000; "
                         "none: skip)")
+    p.add_argument("--curve-only", action="store_true",
+                   help="WordNet: measure only the recall curve's smaller pools (no full-pool rows, no latency "
+                        "curve): a curve at new settings without the full pool's hour-long GENIUS fit")
     p.add_argument("--scale", type=float, nargs="*", default=[1e4, 1e5, 1e6, 1e7],
                    help="corpus sizes of the latency curve (default 1e4 1e5 1e6 1e7; none: skip)")
     p.add_argument("--scale-queries", type=int, default=100, help="queries timed per size (default 100)")
@@ -362,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("task %s: %s", task.name, {k: v for k, v in task.summary().items() if k != "relevance_rule"})
             train_vectors = faiss_training_sample(task.pool, args.faiss_train, args.seed)
             trained: dict[str, Any] = {}
-            rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained,
-                                      genius_saved=args.genius_index / task.name if args.genius_index else None)
-            results["tasks"][task.name] = {"summary": task.summary(), "methods": rows}
+            rows, index = {}, None
+            if not (kind == "wordnet" and args.curve_only):
+                rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained,
+                                          genius_saved=args.genius_index / task.name if args.genius_index else None)
+                results["tasks"][task.name] = {"summary": task.summary(), "methods": rows}
             if kind == "wordnet":
                 for size in sorted(args.curve):
                     sub = task.subset(size, args.seed)

@@ -253,3 +253,21 @@ def test_peers_command_help_names_every_option():
                          capture_output=True, text=True, timeout=120, check=True).stdout
     for option in ("--tasks", "--curve", "--scale", "--beam", "--decoder-epochs", "--cache"):
         assert option in out
+
+
+def test_a_curve_only_run_parses_and_reports_without_full_pool_rows(tmp_path):
+    import peers
+
+    assert peers.parse_args(["--tasks", "wordnet", "--curve-only"]).curve_only
+    assert not peers.parse_args([]).curve_only
+    results = {
+        "meta": {"command": "python bench/peers.py --curve-only", "created": "now", "machine": "test", "threads": 1,
+                 "torch": "t", "faiss": "f", "beam": 50, "batch": 32, "single_queries": 10, "nprobe": 8,
+                 "rerank_depth": 100, "total_s": 1.0},
+        "tasks": {}, "skipped": {}, "scale": [],
+        "curve": [{"n": n, "method": m, "r1": 0.1, "r5": 0.2, "r10": 0.3} for n in (2000, 10000)
+                  for m in ("flat", "genius")],
+    }
+    peers_report.write(results, tmp_path, "curve-only")
+    assert json.loads((tmp_path / "curve-only.json").read_text())["curve"] == results["curve"]
+    assert (tmp_path / "curve-only_curve.png").stat().st_size > 5000
