@@ -38,8 +38,8 @@ log-probabilities, like ours.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import copy
+import datetime as _dt
 import json
 import logging
 import math
