@@ -66,6 +66,8 @@ CONFIG = QuantizerConfig(
     lr=3e-3,
     dead_code_threshold=0.05,
     seed=3,
+    # These tests check what the epochs of training do; early stopping has its own tests.
+    holdout_share=0.0,
 )
 TRAIN = slice(0, 2000)
 HELD_OUT = slice(2000, 3000)
@@ -186,6 +188,40 @@ def test_training_is_seeded_and_leaves_global_rng_alone(corpus: Corpus, trained)
     assert torch.equal(torch.get_rng_state(), state)
     assert [h["loss"] for h in history2] == [h["loss"] for h in history]
     assert torch.equal(again.encode(corpus.items, corpus.modality), q.encode(corpus.items, corpus.modality))
+
+
+def test_early_stopping_keeps_the_epoch_whose_codes_rank_held_out_targets_best(corpus: Corpus) -> None:
+    cfg = replace(CONFIG, holdout_share=0.1, patience=0)
+    q = new_quantizer(cfg)
+    history = train_quantizer(q, corpus.queries[TRAIN], corpus.items[TRAIN], corpus.modality[TRAIN], config=cfg,
+                              progress=False)
+    assert len(history) == cfg.epochs
+    recalls = [h["holdout_r10"] for h in history]
+    # On this corpus the MSE loss pulls a class's items onto shared codes, so the codes rank an
+    # instance's own target worse as training goes on: an early epoch is the best (not epoch
+    # 0, which this test assumes: the replay below could not reproduce it).
+    best = int(np.argmax(recalls)) + 1
+    assert best < cfg.epochs and recalls[best - 1] > recalls[-1], recalls
+    # The kept quantizer is the one that training stopped at that epoch gives (same seed, same
+    # held-out pairs): projection, codebooks and centroids alike.
+    replay = new_quantizer(cfg)
+    train_quantizer(replay, corpus.queries[TRAIN], corpus.items[TRAIN], corpus.modality[TRAIN],
+                    config=replace(cfg, epochs=best), progress=False)
+    for name, value in replay.state_dict().items():
+        assert torch.equal(value, q.state_dict()[name]), name
+    # With patience, training stops that many epochs after the best.
+    patient = replace(cfg, patience=2)
+    stopped = train_quantizer(new_quantizer(patient), corpus.queries[TRAIN], corpus.items[TRAIN],
+                              corpus.modality[TRAIN], config=patient, progress=False)
+    assert len(stopped) == best + 2
+    assert [h["holdout_r10"] for h in stopped] == recalls[: best + 2]
+
+
+def test_too_few_pairs_train_every_epoch_without_holding_out(corpus: Corpus) -> None:
+    cfg = replace(CONFIG, epochs=3, holdout_share=0.1, holdout_min=50)
+    history = train_quantizer(new_quantizer(cfg), corpus.queries[:400], corpus.items[:400], corpus.modality[:400],
+                              config=cfg, progress=False)
+    assert len(history) == 3 and "holdout_r10" not in history[0]
 
 
 def test_ablations_and_extra_items_run(corpus: Corpus) -> None:
