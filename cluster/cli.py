@@ -45,7 +45,8 @@ def _fit(args: argparse.Namespace) -> int:
         raise TableError(args.queries, row, f"target {key!r} is not a key of {args.corpus} ({len(missing)} such rows)")
     targets = np.array([position[t] for t in queries.targets])
     overrides = {k: v for k, v in (("num_levels", args.levels), ("codebook_size", args.codebook_size),
-                                   ("epochs", args.quantizer_epochs)) if v is not None}
+                                   ("epochs", args.quantizer_epochs),
+                                   ("holdout_share", args.quantizer_holdout)) if v is not None}
     if args.size == "paper":
         config = IndexConfig.paper()
         config.quantizer = replace(config.quantizer, **overrides)
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, help="semantic levels L (overrides --size)")
     p.add_argument("--codebook-size", type=int, help="codes per level K (overrides --size)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
+    p.add_argument("--quantizer-holdout", type=float, metavar="SHARE",
+                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose codes rank their targets best is kept, the untrained projection included (default: 0.1, at most 1,000 pairs; 0: train every epoch on every pair)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
     p.add_argument("--codebook-weight", type=float,

@@ -70,6 +70,8 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="decoder shape (default: from --size; small: 2 layers d=128, medium: 4 layers d=256, "
                         "paper: t5-small)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs (default: from --size)")
+    p.add_argument("--quantizer-holdout", type=float, metavar="SHARE",
+                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose codes rank their targets best is kept, the untrained projection included (default: 0.1, at most 1,000 pairs; 0: train every epoch on every pair)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs (default: from --size)")
     p.add_argument("--codebook-weight", type=float,
                    help="weight of the codes' own score beside the decoder's in the beam (default: 300, best "
@@ -109,6 +111,8 @@ def _index_config(args: argparse.Namespace):
             cfg.decoder = DecoderConfig.named(args.decoder)
         if args.quantizer_epochs is not None:
             cfg.quantizer = replace(cfg.quantizer, epochs=args.quantizer_epochs)
+        if args.quantizer_holdout is not None:
+            cfg.quantizer = replace(cfg.quantizer, holdout_share=args.quantizer_holdout)
         if args.decoder_epochs is not None:
             cfg.decoder_training = replace(cfg.decoder_training, epochs=args.decoder_epochs)
         if args.codebook_weight is not None:

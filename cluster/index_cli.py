@@ -181,7 +181,8 @@ def _build(args: argparse.Namespace) -> int:
         shards=args.shards, out=args.out, work=args.work, address=args.address, resume=args.resume,
         actors=args.actors, cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.num_gpus_per_actor,
         batch_size=args.batch_size, encoder=args.encoder, pairs=args.pairs, size=args.size, levels=args.levels,
-        codebook_size=args.codebook_size, quantizer_epochs=args.quantizer_epochs, decoder_epochs=args.decoder_epochs,
+        codebook_size=args.codebook_size, quantizer_epochs=args.quantizer_epochs,
+        quantizer_holdout=args.quantizer_holdout, decoder_epochs=args.decoder_epochs,
         decoder=args.decoder, ranges_per_modality=args.ranges_per_modality, train_workers=args.train_workers,
         seed=args.seed, timeout_s=args.timeout, progress=not args.quiet,
     )
@@ -220,6 +221,8 @@ def add_build_command(cmds: argparse._SubParsersAction) -> None:
     c.add_argument("--levels", type=int, help="semantic levels L")
     c.add_argument("--codebook-size", type=int, help="codes per level K")
     c.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
+    c.add_argument("--quantizer-holdout", type=float, metavar="SHARE",
+                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose codes rank their targets best is kept, the untrained projection included (default: 0.1, at most 1,000 pairs; 0: train every epoch on every pair)")
     c.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     c.add_argument("--decoder", choices=["small", "medium", "paper"], help="decoder size (default: by --size)")
     c.add_argument("--ranges-per-modality", type=int, default=1, help="trie partitions per modality (default: 1)")

@@ -54,6 +54,7 @@ class BuildConfig:
     levels: int | None = None
     codebook_size: int | None = None
     quantizer_epochs: int | None = None
+    quantizer_holdout: float | None = None  # share of the pairs held out for stage 2's early stopping
     decoder_epochs: int | None = None
     decoder: str | None = None  # small | medium | paper
     ranges_per_modality: int = 1
@@ -66,8 +67,8 @@ class BuildConfig:
 
     def settings(self, shards: list[str]) -> dict[str, Any]:
         """What a resumed job must agree on: the inputs and everything that shapes the index."""
-        keep = ("encoder", "pairs", "size", "levels", "codebook_size", "quantizer_epochs", "decoder_epochs",
-                "decoder", "ranges_per_modality", "item_sample", "seed", "batch_size")
+        keep = ("encoder", "pairs", "size", "levels", "codebook_size", "quantizer_epochs", "quantizer_holdout",
+                "decoder_epochs", "decoder", "ranges_per_modality", "item_sample", "seed", "batch_size")
         return {"shards": shards, **{k: getattr(self, k) for k in keep}}
 
 
@@ -209,7 +210,8 @@ class Build:
 
         cfg = self.config
         overrides = {k: v for k, v in (("num_levels", cfg.levels), ("codebook_size", cfg.codebook_size),
-                                       ("epochs", cfg.quantizer_epochs)) if v is not None}
+                                       ("epochs", cfg.quantizer_epochs),
+                                       ("holdout_share", cfg.quantizer_holdout)) if v is not None}
         if cfg.size == "paper":
             index = IndexConfig.paper()
             index.quantizer = dataclasses.replace(index.quantizer, **overrides)

@@ -87,7 +87,9 @@ def test_index_commands_update_a_fitted_index(tables, tmp_path, capsys):
     root, data, keys = tables
     out = tmp_path / "index"
     assert main(["fit", "--corpus", str(root / "corpus.parquet"), "--queries", str(root / "queries.parquet"),
-                 "--out", str(out), "--quantizer-epochs", "2", "--decoder-epochs", "2", "--quiet"]) == 0
+                 "--out", str(out), "--quantizer-epochs", "2", "--quantizer-holdout", "0", "--decoder-epochs", "2",
+                 "--quiet"]) == 0
+    assert GeniusIndex.load(out).config.quantizer.holdout_share == 0.0
     new = tmp_path / "new.parquet"
     pq.write_table(pa.table({"key": ["nan", "NA"], "embedding": [r.tolist() for r in data.test_queries[:2]],
                              "modality": ["image", "image_text"]}), new)

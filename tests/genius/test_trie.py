@@ -195,6 +195,27 @@ def test_partition_saved_without_big_nodes_still_loads(tmp_path, monkeypatch):
     assert enumerate_leaves(loaded) == enumerate_leaves(trie)
 
 
+def test_dense_offsets_take_four_bytes_and_eight_byte_ones_still_load(tmp_path, monkeypatch):
+    trie, entries = saved_trie(tmp_path, monkeypatch)
+    part = trie.partitions[0]
+    assert [t.dtype for t in part.dense] == [np.int32, np.int32] and entries[0]["dense_dtype"] == "<i4"
+    assert Trie.load(tmp_path).partitions[0].dense[1].dtype == np.int32
+    # A trie saved before 4-byte offsets: 8-byte dense files and no dense_dtype in the entry.
+    for entry in entries:
+        del entry["dense_dtype"]
+        for l in range(entry["dense_levels"]):
+            path = tmp_path / entry["files"][f"dense{l}"]
+            np.fromfile(path, dtype="<i4").astype("<i8").tofile(path)
+    trie_module.write_trie_manifest(tmp_path, trie.codec, entries)
+    old = Trie.load(tmp_path)
+    assert old.partitions[0].dense[1].dtype == np.int64
+    assert enumerate_leaves(old) == enumerate_leaves(trie)
+    entries[0]["dense_dtype"] = "<f8"
+    trie_module.write_trie_manifest(tmp_path, trie.codec, entries)
+    with pytest.raises(ValueError, match="dense_dtype must be <i4 or <i8, got '<f8'"):
+        Trie.load(tmp_path)
+
+
 def test_build_partition_refuses_unsorted_or_mismatched_input(tmp_path):
     codec = IdCodec(2, 8)
     ids = codec.pack(np.array([[1, 2], [1, 3], [4, 0]]))
