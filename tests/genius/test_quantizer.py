@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import genius.quantizer as quantizer_module
 from genius.modality import Modality
 from genius.quantizer import (
     FULL_ID_CORPUS,
@@ -215,6 +216,28 @@ def test_early_stopping_keeps_the_epoch_whose_codes_rank_held_out_targets_best(c
                               corpus.modality[TRAIN], config=patient, progress=False)
     assert len(stopped) == best + 2
     assert [h["holdout_r10"] for h in stopped] == recalls[: best + 2]
+
+
+@pytest.mark.parametrize("chunk", [7, 8192])
+def test_held_out_recall_is_a_ranking_among_the_candidates(corpus: Corpus, trained, monkeypatch, chunk) -> None:
+    q, _ = trained
+    monkeypatch.setattr(quantizer_module, "HOLDOUT_CHUNK", chunk)
+    rows = torch.arange(2000, 2300)
+    gen = torch.Generator().manual_seed(0)
+    holdout = quantizer_module._Holdout.build(corpus.queries[rows], corpus.items[rows], corpus.modality[rows],
+                                              corpus.items, corpus.modality, gen, q.device)
+    assert len(holdout.candidates) == len(torch.unique(corpus.items, dim=0))  # every item: under the cap
+    codes, projected = holdout.recall_at_10(q)
+    # Brute force: the target among the 10 best, ties (same ID) counted half.
+    query = q.project(holdout.query)
+    z = q.project(holdout.candidates)
+    rebuilt = q.decode(q.encode(holdout.candidates, holdout.candidate_modality))
+    for vectors, got in ((rebuilt, codes), (z, projected)):
+        scores = query @ vectors.T
+        own = scores[torch.arange(len(rows)), holdout.position][:, None]
+        rank = (scores > own).sum(1) + 0.5 * ((scores == own).sum(1) - 1)
+        assert got == pytest.approx(float((rank < 10).float().mean()))
+    assert 0.3 < projected  # the pairs are close: far above chance (10 / 3000)
 
 
 def test_too_few_pairs_train_every_epoch_without_holding_out(corpus: Corpus) -> None:
