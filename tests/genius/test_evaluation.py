@@ -308,10 +308,11 @@ def test_eval_cli_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     out = tmp_path / "eval"
     rc = eval_cli.main(["--shards", str(tmp_path / "shards"), "--corpus-kind", "fashion-mnist",
                         "--tasks", "text->image", "image->text", "--max-candidates", "40", "--max-queries", "10",
-                        "--quantizer-epochs", "2", "--decoder-epochs", "2", "--beams", "1", "4",
-                        "--universal", "--no-per-task", "--out", str(out)])
+                        "--quantizer-epochs", "2", "--quantizer-holdout", "0.2", "--decoder-epochs", "2",
+                        "--beams", "1", "4", "--universal", "--no-per-task", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "eval.json").read_text())
+    assert {fit["config"]["quantizer"]["holdout_share"] for fit in data["fits"]} == {0.2}
     assert [t["name"] for t in data["tasks"]] == ["fashion-mnist/text->image", "fashion-mnist/image->text"]
     assert data["universal"]["candidates"] == 80 and data["meta"]["command"]["max_candidates"] == 40
     assert "tone/texture" in data["tasks"][0]["relevance_rule"]
