@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook-size", type=int, help="codes per level K (overrides --size)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
     p.add_argument("--quantizer-holdout", type=float, metavar="SHARE",
-                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose codes rank their targets best is kept, the untrained projection included (default: 0.1, at most 1,000 pairs; 0: train every epoch on every pair)")
+                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose "
+                   "codes rank their targets best is kept, the untrained projection included (default: 0.1, "
+                   "at most 1,000 pairs; 0: train every epoch on every pair)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     p.add_argument("--beam", type=int, default=50, help="default beam size stored with the index (default: 50)")
     p.add_argument("--codebook-weight", type=float,

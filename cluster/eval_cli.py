@@ -71,7 +71,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "paper: t5-small)")
     p.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs (default: from --size)")
     p.add_argument("--quantizer-holdout", type=float, metavar="SHARE",
-                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose codes rank their targets best is kept, the untrained projection included (default: 0.1, at most 1,000 pairs; 0: train every epoch on every pair)")
+                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose "
+                   "codes rank their targets best is kept, the untrained projection included (default: 0.1, "
+                   "at most 1,000 pairs; 0: train every epoch on every pair)")
     p.add_argument("--decoder-epochs", type=int, help="stage-3 epochs (default: from --size)")
     p.add_argument("--codebook-weight", type=float,
                    help="weight of the codes' own score beside the decoder's in the beam (default: 300, best "

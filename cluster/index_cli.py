@@ -222,7 +222,9 @@ def add_build_command(cmds: argparse._SubParsersAction) -> None:
     c.add_argument("--codebook-size", type=int, help="codes per level K")
     c.add_argument("--quantizer-epochs", type=int, help="stage-2 epochs")
     c.add_argument("--quantizer-holdout", type=float, metavar="SHARE",
-                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose codes rank their targets best is kept, the untrained projection included (default: 0.1, at most 1,000 pairs; 0: train every epoch on every pair)")
+                   help="share of the training pairs held out for stage 2's early stopping: the epoch whose "
+                   "codes rank their targets best is kept, the untrained projection included (default: 0.1, "
+                   "at most 1,000 pairs; 0: train every epoch on every pair)")
     c.add_argument("--decoder-epochs", type=int, help="stage-3 epochs")
     c.add_argument("--decoder", choices=["small", "medium", "paper"], help="decoder size (default: by --size)")
     c.add_argument("--ranges-per-modality", type=int, default=1, help="trie partitions per modality (default: 1)")

@@ -104,6 +104,10 @@ class QuantizerConfig:
     use_modality_code: bool = True  # ablation: False makes code 0 always 0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout_share < 1.0:
+            raise ValueError(f"holdout_share must be in [0, 1) (0: no early stopping), got {self.holdout_share}")
+
     @classmethod
     def for_corpus(cls, num_items: int, **overrides: object) -> "QuantizerConfig":
         """Codebooks and levels sized to the corpus.

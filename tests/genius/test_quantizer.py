@@ -247,6 +247,12 @@ def test_too_few_pairs_train_every_epoch_without_holding_out(corpus: Corpus) -> 
     assert len(history) == 3 and "holdout_r10" not in history[0]
 
 
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_a_holdout_share_outside_0_1_is_refused(share) -> None:
+    with pytest.raises(ValueError, match=r"holdout_share must be in \[0, 1\)"):
+        replace(CONFIG, holdout_share=share)
+
+
 def test_ablations_and_extra_items_run(corpus: Corpus) -> None:
     base = replace(CONFIG, epochs=1)
     no_cl = base.with_ablation("no_contrastive")
