@@ -806,7 +806,6 @@ def train_quantizer(
                 if holdout is not None:
                     record["holdout_r10"], record["holdout_r10_projected"] = holdout.recall_at_10(quantizer)
                     best.offer(epoch + 1, record["holdout_r10"], record["holdout_r10_projected"], quantizer)
-                    quantizer.train()
                 history.append(record)
                 logger.info("quantizer epoch %d/%d: loss %.4f (cl %.4f, rq %.5f, mse %.5f)%s %.1fs",
                             epoch + 1, config.epochs, record["loss"], record["cl"], record["rq"],
@@ -887,35 +886,32 @@ class _Holdout:
     def recall_at_10(self, quantizer: ModalResidualQuantizer) -> tuple[float, float]:
         """Recall@10 of the targets ranked by query . reconstruction (the codes) and by
         query . projected item (no quantization)."""
-        quantizer.eval()
-        query = quantizer.project(self.query)
-
         size = HOLDOUT_CHUNK
-        # Each chunk of candidates quantized once: (reconstructions, projections).
-        chunks = []
-        for start in range(0, self.candidates.shape[0], size):
-            z = quantizer.project(self.candidates[start : start + size])
-            chunks.append((quantizer.quantize_projected(z, self.candidate_modality[start : start + size],
-                                                        update_codebooks=False).quantized, z))
+        with quantizer._eval_mode():
+            query = quantizer.project(self.query)
+            # Each chunk of candidates quantized once: (reconstructions, projections).
+            chunks = []
+            for start in range(0, self.candidates.shape[0], size):
+                z = quantizer.project(self.candidates[start : start + size])
+                chunks.append((quantizer.quantize_projected(z, self.candidate_modality[start : start + size],
+                                                            update_codebooks=False).quantized, z))
         # Two passes, so that a target's score comes from the same product as its rivals':
         # first each target's scores (by the codes, projected), then how many candidates score
         # above it. Ties (items with the same ID) count half, as a random order among them would.
         rows = torch.arange(query.shape[0], device=query.device)
         own = torch.zeros(2, query.shape[0], device=query.device)
         above = torch.zeros(2, query.shape[0], device=query.device)
-        for pass_ in ("own", "above"):
-            for number, chunk in enumerate(chunks):
-                local = self.position - number * size
-                inside = (local >= 0) & (local < chunk[0].shape[0])
-                if pass_ == "own" and not bool(inside.any()):
-                    continue
+        for number, chunk in enumerate(chunks):
+            local = self.position - number * size
+            inside = (local >= 0) & (local < chunk[0].shape[0])
+            if bool(inside.any()):
                 for which, vectors in enumerate(chunk):
-                    scores = query @ vectors.T
-                    if pass_ == "own":
-                        own[which, inside] = scores[rows[inside], local[inside]]
-                    else:
-                        target = own[which][:, None]
-                        above[which] += (scores > target).sum(dim=1) + 0.5 * (scores == target).sum(dim=1)
+                    own[which, inside] = (query @ vectors.T)[rows[inside], local[inside]]
+        for chunk in chunks:
+            for which, vectors in enumerate(chunk):
+                scores = query @ vectors.T
+                target = own[which][:, None]
+                above[which] += (scores > target).sum(dim=1) + 0.5 * (scores == target).sum(dim=1)
         hits = ((above - 0.5) < 10).float().mean(dim=1)  # the target ties with itself once
         return float(hits[0]), float(hits[1])
 
