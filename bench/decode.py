@@ -10,7 +10,10 @@ and IDs:
 * `hf_vectorised`: a strong HF baseline, generate + `TrieLogitsProcessor`, which builds the
   allowed-token mask of all beams at once with tensor ops over per-depth CSR tables of the
   same trie (no Python per beam);
-* `ours`: `genius.beam_search` in fp32;
+* `ours`: `genius.beam_search` in fp32: the decoder stops once every live beam has a single
+  ID below it (its remaining steps are forced by the trie);
+* `ours_every_step`: the same with the decoder run at every step (`skip_forced=False`): the
+  same results, showing what skipping forced steps is worth;
 * low-precision variants of ours (`--lowp`): `bf16` (the decoder's weights, activations and
   KV cache in bfloat16; scores and log-softmax in fp32) and `int8` (dynamic quantization of
   the decoder layers' nn.Linear: int8 weights, activations quantized per call).
@@ -86,6 +89,7 @@ METHOD_LABELS = {
     "hf": "HF generate + prefix_allowed_tokens_fn (reference)",
     "hf_vectorised": "HF generate + vectorised trie LogitsProcessor",
     "ours": "ours beam_search fp32",
+    "ours_every_step": "ours beam_search fp32, decoder at every step",
     "ours_bf16": "ours beam_search bf16",
     "ours_int8": "ours beam_search int8 (dynamic)",
 }
@@ -341,11 +345,12 @@ class TrieLogitsProcessor(LogitsProcessor):
 
 # --------------------------------------------------------------------------- decoding
 def decode_ours(decoder: GeniusDecoder, trie: Trie, queries: torch.Tensor, beam: int,
-                top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k codes (Q, k, 1+L) and scores (Q, k) of one beam_search call."""
+                top_k: int, skip_forced: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k codes (Q, k, 1+L) and scores (Q, k) of one beam_search call, and the steps that
+    ran the decoder."""
     with torch.inference_mode():
-        res = beam_search(decoder, trie, queries, beam_size=beam, normalize="allowed")
-    return res.codes[:, :top_k], res.scores[:, :top_k]
+        res = beam_search(decoder, trie, queries, beam_size=beam, normalize="allowed", skip_forced=skip_forced)
+    return res.codes[:, :top_k], res.scores[:, :top_k], res.decoder_steps
 
 
 def decode_hf(model, decoder: GeniusDecoder, queries: torch.Tensor, beam: int, top_k: int, fn=None,
@@ -379,7 +384,7 @@ def _run_batches(decode, queries: torch.Tensor, batch: int) -> dict:
     codes, scores, times, cpu = [], [], [], []
     for lo in range(0, len(queries), batch):
         t0, c0 = time.perf_counter(), time.process_time()
-        c, s = decode(queries[lo:lo + batch])
+        c, s = decode(queries[lo:lo + batch])[:2]
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         codes.append(c)
@@ -551,7 +556,8 @@ def time_methods(methods: dict, queries: torch.Tensor, sizes: list[int], repeats
                 times[b][n]["chunks"].append(chunks[n])
                 if rep == 0:
                     outputs[b][n] = {"codes": np.concatenate([p[0] for p in parts[n]]),
-                                     "scores": np.concatenate([p[1] for p in parts[n]])}
+                                     "scores": np.concatenate([p[1] for p in parts[n]]),
+                                     "decoder_steps": [p[2] for p in parts[n] if len(p) > 2]}
             log.info("repeat %d/%d, batch %d: %s", rep + 1, repeats, b,
                      ", ".join(f"{n} {1000 * wall[n] / len(queries):.1f}" for n in names) + " ms/query (wall)")
     return times, outputs
@@ -678,7 +684,7 @@ def _main_rows(r: dict) -> list[tuple]:
     rows = []
     for n in c["methods"]:
         m = main["methods"][n]
-        gflop = (fl["hf"] if n.startswith("hf") else fl["ours"])["total"] / 1e9
+        gflop = fl["hf" if n.startswith("hf") else "ours_every_step" if n == "ours_every_step" else "ours"]["total"] / 1e9
         rows.append((METHOD_LABELS[n], c["batch"], m["ms_per_query"], m["cpu_ms_per_query"], gflop,
                      m["wall_ms_per_query"], n))
     if t["ours_best"]["batch"] != c["batch"]:
@@ -711,7 +717,7 @@ def render_text(r: dict) -> str:
     ]
     for label, batch, ms, cpu_ms, gflop, wall, n in _main_rows(r):
         floor_ms = 1000 * gflop / mm["rate_gflops"]
-        fp32 = not n.startswith("ours_")
+        fp32 = n.removeprefix("ours_") not in LOWP_VARIANTS
         lines.append(f"{label:<52}{batch:>6}{(_rng(wall) if wall else f'{ms:.1f}'):>24}{cpu_ms:>10.1f}{gflop:>9.2f}"
                      f"{gflop / (ms / 1000):>9.1f}{(f'{ms / floor_ms:.2f}' if fp32 else '-'):>9}")
     lines += [
@@ -814,7 +820,7 @@ def render_markdown(r: dict, text: str) -> str:
     ]
     for label, batch, ms, cpu_ms, gflop, wall, n in _main_rows(r):
         floor_ms = 1000 * gflop / mm["rate_gflops"]
-        fp32 = not n.startswith("ours_")
+        fp32 = n.removeprefix("ours_") not in LOWP_VARIANTS
         md.append(f"| {label} | {batch} | {_rng(wall) if wall else f'{ms:.1f}'} | {cpu_ms:.1f} | {gflop:.2f} | "
                   f"{gflop / (ms / 1000):.1f} | {f'{ms / floor_ms:.2f}' if fp32 else '-'} |")
     md += [
@@ -826,6 +832,17 @@ def render_markdown(r: dict, text: str) -> str:
         f"- HF with the vectorised trie processor: {sp['hf_vectorised_same_batch']:.2f}x the reference; ours is "
         f"{sp['ours_over_hf_vectorised_same_batch']:.2f}x faster than it.",
     ]
+    ds = r.get("decoder_steps")
+    if ds and "ours_every_step" in t["sweep"][0]["methods"]:
+        main_methods = next(e for e in t["sweep"] if e["batch"] == c["batch"])["methods"]
+        same = ds["ours_vs_every_step"]
+        md.append(f"- Forced steps: ours ran the decoder for "
+                  + ", ".join(f"{v:.1f}" for v in ds["mean_run_per_call"]["ours"].values())
+                  + f" of {ds['steps']} steps per call (batches {', '.join(ds['mean_run_per_call']['ours'])}): "
+                  f"once every live beam has a single ID below it, the trie finishes the IDs. With the decoder "
+                  f"at every step: {main_methods['ours_every_step']['ms_per_query']:.1f} ms/query at batch "
+                  f"{c['batch']} (ours {main_methods['ours']['ms_per_query']:.1f}); top-{same['top_k']} identical "
+                  f"for {same['identical']}/{same['queries']} queries.")
     if r["lowp_variant"]:
         md.append(f"- Low precision ({r['lowp_variant']}): **{r['lowp_speedup']:.2f}x** the reference, "
                   f"{r['lowp_speedup_vs_fp32']:.2f}x ours fp32 (x reference at each batch: "
@@ -1019,6 +1036,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hf": lambda q: decode_hf(hf, decoder, q, W, top_k, fn=fn),
         "hf_vectorised": lambda q: decode_hf(hf, decoder, q, W, top_k, processor=processor),
         "ours": lambda q: decode_ours(decoder, trie, q, W, top_k),
+        "ours_every_step": lambda q: decode_ours(decoder, trie, q, W, top_k, skip_forced=False),
     }
     lowp_info: dict = {}
     for variant in args.lowp:
@@ -1054,7 +1072,17 @@ def main(argv: list[str] | None = None) -> dict:
     # FLOPs per query and the arithmetic floor.
     widths = step_widths(W, L, K)
     ours_out = [NUM_MODALITIES] + [K] * L
-    flops_ours = decoder_flops(cfg, args.embed_dim, widths, ours_out, cross_kv_rows=1)
+    flops_every_step = decoder_flops(cfg, args.embed_dim, widths, ours_out, cross_kv_rows=1)
+    # Ours runs the decoder for as many steps as some beam's code is not forced: its work per
+    # query is the mean over the main batch's calls (every call decodes `batch` queries).
+    steps_run = out_main["ours"]["decoder_steps"]
+    per_call = [decoder_flops(cfg, args.embed_dim, widths[:s], ours_out[:s], cross_kv_rows=1) for s in steps_run]
+    flops_ours = {k: float(np.mean([f[k] for f in per_call])) for k in flops_every_step}
+    decoder_steps = {n: {str(b): float(np.mean(outputs[b][n]["decoder_steps"])) for b in sizes}
+                     for n in names if outputs[batch][n]["decoder_steps"]}
+    skipped_same = compare(out_main["ours"], out_main["ours_every_step"], names=("ours", "ours_every_step"))
+    log.info("decoder steps run per call (of %d): %s; ours vs every step: top-%d identical for %d/%d queries",
+             L + 1, decoder_steps, top_k, skipped_same["identical"], skipped_same["queries"])
     flops_hf = decoder_flops(cfg, args.embed_dim, [W] * (L + 1), [decoder.vocab_size] * (L + 1), cross_kv_rows=W)
     ours_by_batch = [{"batch": e["batch"], "ms_per_query": e["methods"]["ours"]["ms_per_query"],
                       "cpu_ms_per_query": e["methods"]["ours"]["cpu_ms_per_query"],
@@ -1179,7 +1207,9 @@ def main(argv: list[str] | None = None) -> dict:
         "agreement_hf_vectorised": {"vs_hf": vec_vs_hf, "vs_ours": vec_vs_ours},
         "validity": valid,
         "batch_consistency": consistency,
-        "flops": {"ours": flops_ours, "hf": flops_hf, "ours_step_widths": widths,
+        "decoder_steps": {"steps": L + 1, "mean_run_per_call": decoder_steps,
+                          "ours_vs_every_step": skipped_same},
+        "flops": {"ours": flops_ours, "ours_every_step": flops_every_step, "hf": flops_hf, "ours_step_widths": widths,
                   "hf_step_widths": [W] * (L + 1), "ours_logits_per_step": ours_out,
                   "hf_logits_per_step": decoder.vocab_size},
         "matmul": {"rate_gflops": rate, "by_shape_gflops": rates, "shapes": list(rates),

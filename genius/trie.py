@@ -475,6 +475,18 @@ class Trie:
         """Allowed codes at semantic `level` (>= 1) for every beam in `state`."""
         return Expansion(self, level, state)
 
+    def single_completion(self, state: TrieState) -> np.ndarray:
+        """Whether each beam's prefix has exactly one complete ID below it: its rows, sorted by
+        ID, share the first row's ID. Every later step of such a beam is forced."""
+        single = np.zeros(len(state.lo), dtype=bool)
+        for p in np.unique(state.part):
+            beams = np.flatnonzero(state.part == p)
+            ids = self.partitions[p].ids
+            first = np.asarray(np.take(ids, state.lo[beams], axis=0))
+            last = np.asarray(np.take(ids, state.hi[beams] - 1, axis=0))
+            single[beams] = (first == last).all(1)
+        return single
+
     def leaf_items(self, state: TrieState) -> list[np.ndarray]:
         """Item numbers under each beam's (complete) ID."""
         return [np.asarray(self.partitions[p].items[lo:hi]) for p, lo, hi in zip(state.part, state.lo, state.hi)]

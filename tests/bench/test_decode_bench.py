@@ -58,8 +58,15 @@ def test_methods_agree_and_emit_valid_ids(run):
     # Every method fills all top-k slots with IDs of the trie (the tiny trie has > 8 IDs per query).
     for name in methods:
         assert written["validity"][name] == {"emitted": QUERIES * 8, "valid": QUERIES * 8, "empty_slots": 0}, name
+    # Skipping forced steps changes nothing; the decoder at every step runs all L + 1 of them.
+    steps = written["decoder_steps"]
+    assert steps["ours_vs_every_step"]["identical"] == QUERIES
+    assert steps["ours_vs_every_step"]["max_abs_score_diff"] == 0
+    assert steps["mean_run_per_call"]["ours_every_step"] == {str(b): 4.0 for b in SIZES}
+    assert all(1 <= v <= 4 for v in steps["mean_run_per_call"]["ours"].values())
+    assert written["flops"]["ours"]["total"] <= written["flops"]["ours_every_step"]["total"]
     # Batch size does not change what fp32 decoding returns.
-    for name in ("hf", "hf_vectorised", "ours"):
+    for name in ("hf", "hf_vectorised", "ours", "ours_every_step"):
         assert written["batch_consistency"][name] == {str(b): 1.0 for b in SIZES}
 
 

@@ -339,3 +339,49 @@ def test_a_partial_lookahead_emits_valid_ids_carrying_their_own_items(seed):
         for w in np.flatnonzero(live):
             key = tuple(int(c) for c in result.codes[q, w])
             assert set(result.items[q][w].tolist()) == items_of[key]
+
+
+def early_unique_case(seed: int):
+    """Six levels of 32 codes, 30 distinct IDs (some carried by several items): most
+    prefixes hold a single ID after two or three codes."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    levels, size = 6, 32
+    codes = rng.integers(0, size, (30, levels))
+    codes[:10, :2] = codes[0, :2]  # a shared branch, resolved deeper
+    codes = np.concatenate([codes, codes[:5]])  # IDs with two items
+    modality = rng.integers(0, 3, len(codes))
+    codec = IdCodec(levels, size)
+    trie = Trie.build(codec, codec.pack(codes), modality)
+    decoder = GeniusDecoder(TINY, embed_dim=16, num_levels=levels, codebook_size=size).eval()
+    return codes, trie, decoder, torch.randn(4, 16)
+
+
+@pytest.mark.parametrize("options", [
+    {"beam_size": 5},
+    {"beam_size": 1},
+    {"beam_size": 4, "level_widths": [8, 6]},
+    {"beam_size": 3, "codebook_weight": 2.0, "min_modality_prob": 0.0},
+    {"beam_size": 3, "codebook_weight": 2.0, "lookahead_rows": 2, "lookahead_pool": 2},
+])
+@pytest.mark.parametrize("seed", range(4))
+def test_skipping_forced_steps_changes_no_result(seed, options):
+    codes, trie, decoder, queries = early_unique_case(seed)
+    if "codebook_weight" in options:
+        options = {**options, "codebook_scores": random_codebook_scores(queries, 6, 32, seed)}
+    full = beam_search(decoder, trie, queries, skip_forced=False, **options)
+    fast = beam_search(decoder, trie, queries, **options)
+    assert full.decoder_steps == 7
+    assert fast.decoder_steps < full.decoder_steps, "30 IDs in 32**6 codes are unique long before the leaves"
+    assert np.array_equal(fast.codes, full.codes)
+    assert np.array_equal(fast.scores, full.scores)
+    for q in range(len(queries)):
+        assert len(fast.items[q]) == len(full.items[q])
+        for a, b in zip(fast.items[q], full.items[q]):
+            assert np.array_equal(a, b)
+
+
+def test_level_normalisation_runs_the_decoder_at_every_step():
+    # Under "level" a forced code's log-probability is the decoder's: nothing may be skipped.
+    codes, trie, decoder, queries = early_unique_case(0)
+    assert beam_search(decoder, trie, queries, beam_size=3, normalize="level").decoder_steps == 7

@@ -54,6 +54,30 @@ def test_expansion_reaches_exactly_the_indexed_items(seed, big_rows, tmp_path, m
     assert enumerate_leaves(trie) == expected
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_single_completion_marks_prefixes_with_one_id_below(seed):
+    rng = np.random.default_rng(seed)
+    levels, size, n = 4, int(rng.choice([3, 8])), int(rng.integers(1, 200))
+    codec = IdCodec(levels, size)
+    codes, modality = random_corpus(rng, levels, size, n)
+    codes[: n // 4] = codes[0]  # one ID carried by many items
+    trie = Trie.build(codec, codec.pack(codes), modality, ranges_per_modality=2)
+    for m in trie.modalities:
+        mine = codes[modality == int(m)]
+        first = np.flatnonzero(trie.root_mask(np.array([int(m)]))[0])
+        state = trie.root_children(np.full(len(first), int(m)), first)
+        paths = [(c,) for c in first]
+        for level in range(1, levels + 1):
+            below = [len({tuple(r) for r in mine if tuple(r[:level]) == path}) for path in paths]
+            assert trie.single_completion(state).tolist() == [count == 1 for count in below]
+            if level == levels:
+                break
+            expansion = trie.expand(level, state)
+            beam, code = np.nonzero(expansion.mask)
+            state = expansion.children(beam, code)
+            paths = [paths[b] + (c,) for b, c in zip(beam, code)]
+
+
 def without_big_nodes(trie: Trie) -> Trie:
     parts = [TriePartition(p.modality, p.code_lo, p.code_hi, p.ids, p.items, p.dense) for p in trie.partitions]
     return Trie(trie.codec, parts)
