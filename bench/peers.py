@@ -231,6 +231,11 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
                                                             distinct_ids=plain.info["distinct_ids"],
                                                             lookahead_rows=rows_read):
                     rows[variant.name] = measure(variant, task, args)
+            if args.every_step_rows:  # and with the decoder run at every step (same results, slower)
+                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix="_every_step",
+                                                            distinct_ids=plain.info["distinct_ids"],
+                                                            skip_forced=False):
+                    rows[variant.name] = measure(variant, task, args)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
         built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe, trained=trained)
@@ -320,6 +325,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lookahead-rows-rows", type=int, nargs="*", default=[],
                    help="ablation: also search the same GENIUS model with these lookahead rows "
                         "(rows genius_laN, genius_r_laN)")
+    p.add_argument("--every-step-rows", action="store_true",
+                   help="ablation: also search the same GENIUS model with the decoder run at every step instead "
+                        "of stopping once the trie forces every beam's remaining codes (rows genius_every_step, "
+                        "genius_r_every_step: the same results, timed)")
     p.add_argument("--genius-index", type=Path,
                    help="folder of saved full-pool GENIUS fits (one per task): a fit of the same pool and "
                         "config found there is loaded instead of refitted, otherwise saved there")

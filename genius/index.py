@@ -140,6 +140,7 @@ class BeamSettings:
     lookahead_rows: int
     lookahead_pool: int
     min_modality_prob: float
+    skip_forced: bool = True  # beam_search's: same results; False only to time the difference
 
 
 @dataclass
@@ -338,14 +339,15 @@ class GeniusIndex:
     def candidates(self, query_emb: np.ndarray, beam_size: int | None = None,
                    target_modalities: Collection | Sequence[Collection] | None = None,
                    codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
-                   lookahead_rows: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                   lookahead_rows: int | None = None,
+                   skip_forced: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query embedding: the items its beam search found that pass the filters (not
         deleted, of a wanted modality), in beam order, with their beam log-probabilities. The
         first half of `search`, for callers that score the items elsewhere (the serving
         replica scatters them to shard servers)."""
         query_emb = self._check_queries(self.embed(query_emb))
         out = []
-        settings = self.beam_settings(codebook_weight, level_widths, lookahead_rows)
+        settings = self.beam_settings(codebook_weight, level_widths, lookahead_rows, skip_forced)
         for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities,
                                                   settings):
             keep = self.item_filter(wanted)
@@ -382,10 +384,11 @@ class GeniusIndex:
         return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
                            codebook_scores=scores, codebook_weight=weight, trace=trace,
                            level_widths=settings.level_widths, min_modality_prob=settings.min_modality_prob,
-                           lookahead_rows=settings.lookahead_rows, lookahead_pool=settings.lookahead_pool)
+                           lookahead_rows=settings.lookahead_rows, lookahead_pool=settings.lookahead_pool,
+                           skip_forced=settings.skip_forced)
 
     def beam_settings(self, codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
-                      lookahead_rows: int | None = None) -> BeamSettings:
+                      lookahead_rows: int | None = None, skip_forced: bool = True) -> BeamSettings:
         """The beam's settings: the config's, each overridden where given. The config's codebook
         weight applies only where fit found the codes usable (a weight given always does)."""
         config = self.config
@@ -397,6 +400,7 @@ class GeniusIndex:
             lookahead_rows=config.lookahead_rows if lookahead_rows is None else lookahead_rows,
             lookahead_pool=config.lookahead_pool,
             min_modality_prob=config.min_modality_prob,
+            skip_forced=skip_forced,
         )
 
     def item_filter(self, wanted: np.ndarray | None):

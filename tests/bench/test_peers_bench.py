@@ -157,6 +157,10 @@ def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task, tmp_path
     assert (lw_plain.name, lw_reranked.name) == ("genius_lwall", "genius_r_lwall")
     assert lw_plain.info["level_widths"] == widths and plain.info["level_widths"] == cfg.level_widths
     assert _recall(lw_reranked.search(task.test_queries, 10), task) >= r_rr - 0.02
+    # the every-step ablation runs the decoder where the trie forces the codes: the same ranking
+    every, _ = peers_methods.genius_methods(index, 10, plain.build_s, suffix="_every_step", skip_forced=False)
+    assert every.name == "genius_every_step" and every.info["skip_forced"] is False
+    np.testing.assert_array_equal(every.search(task.test_queries, 10), ranked)
 
 
 def test_level_widths_rows_parse_as_comma_separated_integers():
