@@ -25,7 +25,7 @@ score alone. Cost grows with the beam, not with the corpus.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ class BeamResult:
     codes: np.ndarray  # (Q, W, 1+L): modality, then semantic codes
     scores: np.ndarray  # (Q, W) summed log-probabilities (plus the weighted codebook scores)
     items: list[list[np.ndarray]]  # items[q][w]: item numbers carrying that ID
-    decoder_steps: int = 0  # steps that ran the decoder (the others were forced by the trie)
+    # (Q,) steps that ran the decoder for each query (its later steps were forced by the trie)
+    decoder_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def ranked_items(self, query: int) -> list[tuple[int, float]]:
         """Items of one query in beam order (ties within an ID by item number), without repeats."""
@@ -234,11 +235,12 @@ def beam_search(
     scoring the beam, keep at each level (but the last) the best prefixes by their score plus
     an estimate of their best completion (`best_completion` over up to this many of their
     rows), chosen among the `lookahead_pool` x width best by score alone; 0: by score alone.
-    skip_forced: under "allowed" normalisation, stop running the decoder once every live beam
-    has a single complete ID below it (its remaining steps are forced: each allowed
-    log-probability is 0, whatever the decoder says); the trie finishes the IDs. Same results
-    (False runs the decoder at every step, for checking), fewer forward passes: at 100k+
-    items most prefixes of 3-4 codes already are unique.
+    skip_forced: under "allowed" normalisation, stop running the decoder for a query once
+    each of its live beams has a single complete ID below it (its remaining steps are forced:
+    the allowed code's log-probability is 0, whatever the decoder says); the trie finishes its
+    IDs. The same results (scores to float rounding: the decoder's batch shrinks; False runs
+    the decoder at every step, for checking), fewer forward passes: at 100k+ items most
+    prefixes of 3-4 codes are unique already.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -269,19 +271,23 @@ def beam_search(
     alive = np.ones(Q, dtype=bool)  # flat (Q * width) flags of live beams
     state: TrieState | None = None  # trie positions of the live beams, in flat order
     start_mask = modality_mask(Q, trie, target_modalities)
-    forced = False  # every live beam's remaining codes are forced: the decoder has stopped
-    decoder_steps = 0
+    active = np.arange(Q)  # queries the decoder still runs for (the cache's rows), ascending
+    decoder_steps = np.zeros(Q, dtype=np.int64)
 
     for step in range(L + 1):
         width = history.shape[1]
-        if forced:
-            # Any finite logits give the one allowed code log-probability 0.
-            logits = torch.zeros((Q, width, K), device=device)
-        else:
+        if len(active) == Q:
             hidden = decoder.step(tokens, cache)  # (Q, width, d)
-            decoder_steps += 1
             # A new tensor (overwritten below); fp32 whatever precision the decoder computes in.
             logits = (hidden @ decoder.level_weight(step).T).float()  # (Q, width, n)
+        else:
+            # Forced queries (step >= 2): any finite logits give their one allowed code
+            # log-probability 0.
+            logits = torch.zeros((Q, width, K), device=device)
+            if len(active):
+                hidden = decoder.step(tokens, cache)  # (active, width, d)
+                logits[torch.from_numpy(active).to(device)] = (hidden @ decoder.level_weight(step).T).float()
+        decoder_steps[active] += 1
         n = logits.shape[-1]
         mask = np.zeros((Q * width, n), dtype=bool)
         live = np.flatnonzero(alive)
@@ -332,12 +338,22 @@ def beam_search(
         beam_scores = top_scores
         if trace is not None:
             trace.append(np.where(new_alive.reshape(Q, keep)[..., None], history, -1))
-        if step < L and not forced and skip_forced and normalize == "allowed" and step >= 1:
-            forced = bool(trie.single_completion(state).all())
-        if step < L and not forced:
-            cache.reorder(torch.from_numpy(parent).to(device))
-            offset = level_token_offset(step, K)
-            tokens = torch.from_numpy(np.where(new_alive.reshape(Q, keep), code + offset, 0)).to(device)
+        if step == L or not len(active):
+            continue
+        kept_queries = None
+        if skip_forced and normalize == "allowed" and step >= 1:
+            # A query stays while one of its live beams has more than one ID below it.
+            open_query = np.zeros(Q, dtype=bool)
+            open_query[np.flatnonzero(new_alive)[~trie.single_completion(state)] // keep] = True
+            if not open_query[active].all():
+                kept_queries = np.flatnonzero(open_query[active])  # positions in `active`
+                active = active[kept_queries]
+                if not len(active):
+                    continue
+        cache.reorder(torch.from_numpy(parent[active]).to(device),
+                      None if kept_queries is None else torch.from_numpy(kept_queries).to(device))
+        offset = level_token_offset(step, K)
+        tokens = torch.from_numpy(np.where(new_alive.reshape(Q, keep), code + offset, 0)[active]).to(device)
 
     # Pad to beam_size slots so that results have a fixed shape.
     width = history.shape[1]

@@ -150,11 +150,20 @@ class DecoderCache:
     def length(self) -> int:
         return 0 if self.self_k[0] is None else self.self_k[0].shape[-2]
 
-    def reorder(self, parent: torch.Tensor) -> None:
-        """Keep, for each (query, new slot), the cache of beam `parent[q, slot]` of that query."""
-        Q, W_new = parent.shape
-        W_old = self.self_k[0].shape[0] // Q
-        flat = (torch.arange(Q, device=parent.device)[:, None] * W_old + parent).reshape(-1)
+    def reorder(self, parent: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        """Keep, for each (query, new slot), the cache of beam `parent[q, slot]` of that query.
+        queries: positions of the queries kept, ascending (the others' decoding is over; parent
+        has a row per kept query); all by default."""
+        Q_old = self.cross_k[0].shape[0]
+        W_old = self.self_k[0].shape[0] // Q_old
+        if queries is None:
+            queries = torch.arange(Q_old, device=parent.device)
+        else:
+            self.cross_k = [k.index_select(0, queries) for k in self.cross_k]
+            self.cross_v = [v.index_select(0, queries) for v in self.cross_v]
+        if len(queries) != len(parent):
+            raise ValueError(f"{len(parent)} rows of parents for {len(queries)} queries")
+        flat = (queries[:, None] * W_old + parent).reshape(-1)
         for i in range(len(self.self_k)):
             self.self_k[i] = self.self_k[i].index_select(0, flat)
             self.self_v[i] = self.self_v[i].index_select(0, flat)

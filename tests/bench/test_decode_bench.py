@@ -61,9 +61,9 @@ def test_methods_agree_and_emit_valid_ids(run):
     # Skipping forced steps changes nothing; the decoder at every step runs all L + 1 of them.
     steps = written["decoder_steps"]
     assert steps["ours_vs_every_step"]["identical"] == QUERIES
-    assert steps["ours_vs_every_step"]["max_abs_score_diff"] == 0
-    assert steps["mean_run_per_call"]["ours_every_step"] == {str(b): 4.0 for b in SIZES}
-    assert all(1 <= v <= 4 for v in steps["mean_run_per_call"]["ours"].values())
+    assert steps["ours_vs_every_step"]["max_abs_score_diff"] < 1e-5
+    assert steps["mean_run_per_query"]["ours_every_step"] == {str(b): 4.0 for b in SIZES}
+    assert all(1 <= v <= 4 for v in steps["mean_run_per_query"]["ours"].values())
     assert written["flops"]["ours"]["total"] <= written["flops"]["ours_every_step"]["total"]
     # Batch size does not change what fp32 decoding returns.
     for name in ("hf", "hf_vectorised", "ours", "ours_every_step"):

@@ -371,10 +371,12 @@ def test_skipping_forced_steps_changes_no_result(seed, options):
         options = {**options, "codebook_scores": random_codebook_scores(queries, 6, 32, seed)}
     full = beam_search(decoder, trie, queries, skip_forced=False, **options)
     fast = beam_search(decoder, trie, queries, **options)
-    assert full.decoder_steps == 7
-    assert fast.decoder_steps < full.decoder_steps, "30 IDs in 32**6 codes are unique long before the leaves"
+    assert (full.decoder_steps == 7).all()
+    assert (fast.decoder_steps < 7).all(), "30 IDs in 32**6 codes are unique long before the leaves"
+    assert len(set(fast.decoder_steps.tolist())) > 1 or seed, "queries leave the decoder at different steps"
     assert np.array_equal(fast.codes, full.codes)
-    assert np.array_equal(fast.scores, full.scores)
+    # The decoder runs on fewer queries once some are forced: scores agree to float rounding.
+    np.testing.assert_allclose(fast.scores, full.scores, rtol=0, atol=1e-5)
     for q in range(len(queries)):
         assert len(fast.items[q]) == len(full.items[q])
         for a, b in zip(fast.items[q], full.items[q]):
@@ -384,4 +386,4 @@ def test_skipping_forced_steps_changes_no_result(seed, options):
 def test_level_normalisation_runs_the_decoder_at_every_step():
     # Under "level" a forced code's log-probability is the decoder's: nothing may be skipped.
     codes, trie, decoder, queries = early_unique_case(0)
-    assert beam_search(decoder, trie, queries, beam_size=3, normalize="level").decoder_steps == 7
+    assert (beam_search(decoder, trie, queries, beam_size=3, normalize="level").decoder_steps == 7).all()
