@@ -10,8 +10,8 @@ and IDs:
 * `hf_vectorised`: a strong HF baseline, generate + `TrieLogitsProcessor`, which builds the
   allowed-token mask of all beams at once with tensor ops over per-depth CSR tables of the
   same trie (no Python per beam);
-* `ours`: `genius.beam_search` in fp32: the decoder stops once every live beam has a single
-  ID below it (its remaining steps are forced by the trie);
+* `ours`: `genius.beam_search` in fp32: the decoder stops running for a beam once it has a
+  single ID below it (its remaining steps are forced by the trie);
 * `ours_every_step`: the same with the decoder run at every step (`skip_forced=False`): the
   same results, showing what skipping forced steps is worth;
 * low-precision variants of ours (`--lowp`): `bf16` (the decoder's weights, activations and
@@ -346,11 +346,11 @@ class TrieLogitsProcessor(LogitsProcessor):
 # --------------------------------------------------------------------------- decoding
 def decode_ours(decoder: GeniusDecoder, trie: Trie, queries: torch.Tensor, beam: int,
                 top_k: int, skip_forced: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k codes (Q, k, 1+L) and scores (Q, k) of one beam_search call, and the steps that
-    ran the decoder for each query (Q,)."""
+    """Top-k codes (Q, k, 1+L) and scores (Q, k) of one beam_search call, and the beams the
+    decoder ran for per query and step (Q, 1+L)."""
     with torch.inference_mode():
         res = beam_search(decoder, trie, queries, beam_size=beam, normalize="allowed", skip_forced=skip_forced)
-    return res.codes[:, :top_k], res.scores[:, :top_k], res.decoder_steps
+    return res.codes[:, :top_k], res.scores[:, :top_k], res.decoder_rows
 
 
 def decode_hf(model, decoder: GeniusDecoder, queries: torch.Tensor, beam: int, top_k: int, fn=None,
@@ -557,7 +557,7 @@ def time_methods(methods: dict, queries: torch.Tensor, sizes: list[int], repeats
                 if rep == 0:
                     outputs[b][n] = {"codes": np.concatenate([p[0] for p in parts[n]]),
                                      "scores": np.concatenate([p[1] for p in parts[n]]),
-                                     "decoder_steps": [s for p in parts[n] if len(p) > 2 for s in p[2].tolist()]}
+                                     "decoder_rows": [r for p in parts[n] if len(p) > 2 for r in p[2].tolist()]}
             log.info("repeat %d/%d, batch %d: %s", rep + 1, repeats, b,
                      ", ".join(f"{n} {1000 * wall[n] / len(queries):.1f}" for n in names) + " ms/query (wall)")
     return times, outputs
@@ -832,14 +832,16 @@ def render_markdown(r: dict, text: str) -> str:
         f"- HF with the vectorised trie processor: {sp['hf_vectorised_same_batch']:.2f}x the reference; ours is "
         f"{sp['ours_over_hf_vectorised_same_batch']:.2f}x faster than it.",
     ]
-    ds = r.get("decoder_steps")
+    ds = r.get("decoder_rows")
     if ds and "ours_every_step" in t["sweep"][0]["methods"]:
         main_methods = next(e for e in t["sweep"] if e["batch"] == c["batch"])["methods"]
         same = ds["ours_vs_every_step"]
-        md.append(f"- Forced steps: ours ran the decoder for "
-                  + ", ".join(f"{v:.1f}" for v in ds["mean_run_per_query"]["ours"].values())
-                  + f" of {ds['steps']} steps per query (batches {', '.join(ds['mean_run_per_query']['ours'])}): "
-                  f"once each of a query's live beams has a single ID below it, the trie finishes its IDs. With the decoder "
+        ran = ds["mean_per_query_and_step"]["ours"][str(c["batch"])]
+        md.append(f"- Forced steps: at batch {c['batch']} ours ran the decoder for "
+                  + " / ".join(f"{v:.1f}" for v in ran) + " beams per query at steps 0-" + str(ds["steps"] - 1)
+                  + f" (beam widths {' / '.join(map(str, ds['beam_widths']))}; {sum(ran) / sum(ds['beam_widths']):.0%} "
+                  f"of the beam-steps): a beam with a single ID below it leaves the decoder and the trie finishes "
+                  f"its ID. With the decoder "
                   f"at every step: {main_methods['ours_every_step']['ms_per_query']:.1f} ms/query at batch "
                   f"{c['batch']} (ours {main_methods['ours']['ms_per_query']:.1f}); top-{same['top_k']} identical "
                   f"for {same['identical']}/{same['queries']} queries.")
@@ -1073,16 +1075,16 @@ def main(argv: list[str] | None = None) -> dict:
     widths = step_widths(W, L, K)
     ours_out = [NUM_MODALITIES] + [K] * L
     flops_every_step = decoder_flops(cfg, args.embed_dim, widths, ours_out, cross_kv_rows=1)
-    # Ours runs the decoder for a query until the trie forces the rest of its beams' codes: its
-    # work is the mean over the main batch's queries of the steps each ran.
-    per_query = [decoder_flops(cfg, args.embed_dim, widths[:s], ours_out[:s], cross_kv_rows=1)
-                 for s in out_main["ours"]["decoder_steps"]]
-    flops_ours = {k: float(np.mean([f[k] for f in per_query])) for k in flops_every_step}
-    decoder_steps = {n: {str(b): float(np.mean(outputs[b][n]["decoder_steps"])) for b in sizes}
-                     for n in names if outputs[batch][n]["decoder_steps"]}
+    # Ours runs the decoder for a beam until the trie forces the rest of its code: its work is
+    # that of the beams it ran, per step, averaged over the main batch's queries.
+    rows_run = np.mean(out_main["ours"]["decoder_rows"], axis=0).tolist()
+    flops_ours = decoder_flops(cfg, args.embed_dim, rows_run, ours_out, cross_kv_rows=1)
+    decoder_rows = {n: {str(b): np.mean(outputs[b][n]["decoder_rows"], axis=0).round(2).tolist() for b in sizes}
+                    for n in names if outputs[batch][n]["decoder_rows"]}
     skipped_same = compare(out_main["ours"], out_main["ours_every_step"], names=("ours", "ours_every_step"))
-    log.info("decoder steps run per query (of %d): %s; ours vs every step: top-%d identical for %d/%d queries",
-             L + 1, decoder_steps, top_k, skipped_same["identical"], skipped_same["queries"])
+    log.info("beams decoded per step (mean per query, batch %d): ours %s, every step %s; ours vs every step: "
+             "top-%d identical for %d/%d queries", batch, decoder_rows["ours"][str(batch)],
+             decoder_rows["ours_every_step"][str(batch)], top_k, skipped_same["identical"], skipped_same["queries"])
     flops_hf = decoder_flops(cfg, args.embed_dim, [W] * (L + 1), [decoder.vocab_size] * (L + 1), cross_kv_rows=W)
     ours_by_batch = [{"batch": e["batch"], "ms_per_query": e["methods"]["ours"]["ms_per_query"],
                       "cpu_ms_per_query": e["methods"]["ours"]["cpu_ms_per_query"],
@@ -1207,7 +1209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "agreement_hf_vectorised": {"vs_hf": vec_vs_hf, "vs_ours": vec_vs_ours},
         "validity": valid,
         "batch_consistency": consistency,
-        "decoder_steps": {"steps": L + 1, "mean_run_per_query": decoder_steps,
+        "decoder_rows": {"steps": L + 1, "beam_widths": widths, "mean_per_query_and_step": decoder_rows,
                           "ours_vs_every_step": skipped_same},
         "flops": {"ours": flops_ours, "ours_every_step": flops_every_step, "hf": flops_hf, "ours_step_widths": widths,
                   "hf_step_widths": [W] * (L + 1), "ours_logits_per_step": ours_out,

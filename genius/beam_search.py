@@ -44,8 +44,13 @@ class BeamResult:
     codes: np.ndarray  # (Q, W, 1+L): modality, then semantic codes
     scores: np.ndarray  # (Q, W) summed log-probabilities (plus the weighted codebook scores)
     items: list[list[np.ndarray]]  # items[q][w]: item numbers carrying that ID
-    # (Q,) steps that ran the decoder for each query (its later steps were forced by the trie)
-    decoder_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # (Q, 1+L) beams the decoder ran for, per query and step (the others' codes were forced)
+    decoder_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+
+    @property
+    def decoder_steps(self) -> np.ndarray:
+        """(Q,) steps that ran the decoder for each query."""
+        return (self.decoder_rows > 0).sum(1)
 
     def ranked_items(self, query: int) -> list[tuple[int, float]]:
         """Items of one query in beam order (ties within an ID by item number), without repeats."""
@@ -193,6 +198,40 @@ def _select(candidates: torch.Tensor, keep: int,
     return top_scores, pre_index.gather(1, order), states.take(kept[live])
 
 
+class _DecodedBeams:
+    """The beams the decoder runs for, as the rows of its KV cache: `queries` (A,), ascending,
+    and per query its beam slots `slots` (A, W), padded with repeats of its first (a repeated
+    row computes the same values again). `full`: every slot of every query, in order."""
+
+    def __init__(self, num_queries: int):
+        self.queries = np.arange(num_queries)
+        self.slots = np.zeros((num_queries, 1), dtype=np.int64)
+        self.full = True
+
+    def advance(self, open_beam: np.ndarray, parent: np.ndarray,
+                width: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Move to the next step's beams: the slots of `open_beam` (Q, keep), whose parents
+        `parent` (Q, keep) are slots of this step (of `width`). Returns, for
+        DecoderCache.reorder, the positions of the kept queries among this step's (None when
+        all are kept) and, per kept query and slot, its parent's row in the cache."""
+        Q, keep = open_beam.shape
+        row_of = np.full((Q, width), -1, dtype=np.int64)
+        row_of[self.queries[:, None], self.slots] = np.arange(self.slots.shape[1])
+        counts = open_beam.sum(1)
+        queries = np.flatnonzero(counts)
+        W = int(counts.max()) if len(queries) else 0
+        # Each kept query's open slots first, in slot order; padded with its first.
+        first = np.argsort(~open_beam[queries], axis=1, kind="stable")[:, :W]
+        slots = np.where(np.arange(W) < counts[queries, None], first, first[:, :1])
+        parent_rows = row_of[queries[:, None], parent[queries[:, None], slots]]
+        if (parent_rows < 0).any():
+            raise RuntimeError("a beam left the decoder and came back: its parent has no cache row")
+        kept = None if len(queries) == len(self.queries) else np.searchsorted(self.queries, queries)
+        self.queries, self.slots = queries, slots
+        self.full = bool((counts == keep).all())
+        return kept, parent_rows
+
+
 def step_width(step: int, num_levels: int, beam_size: int, level_widths: Sequence[int]) -> int:
     """Prefixes kept after a step (0: the modality; l: semantic level l). The modality step
     keeps as many as level 1 (at most 3 exist); the last level always keeps `beam_size`:
@@ -235,10 +274,9 @@ def beam_search(
     scoring the beam, keep at each level (but the last) the best prefixes by their score plus
     an estimate of their best completion (`best_completion` over up to this many of their
     rows), chosen among the `lookahead_pool` x width best by score alone; 0: by score alone.
-    skip_forced: under "allowed" normalisation, stop running the decoder for a query once
-    each of its live beams has a single complete ID below it (its remaining steps are forced:
-    the allowed code's log-probability is 0, whatever the decoder says); the trie finishes its
-    IDs. The same results (scores to float rounding: the decoder's batch shrinks; False runs
+    skip_forced: under "allowed" normalisation, stop running the decoder for a beam once it
+    has a single complete ID below it (its remaining steps are forced: the allowed code's
+    log-probability is 0, whatever the decoder says); the trie finishes its ID. The same results (scores to float rounding: the decoder's batch shrinks; False runs
     the decoder at every step, for checking), fewer forward passes: at 100k+ items most
     prefixes of 3-4 codes are unique already.
     """
@@ -271,23 +309,24 @@ def beam_search(
     alive = np.ones(Q, dtype=bool)  # flat (Q * width) flags of live beams
     state: TrieState | None = None  # trie positions of the live beams, in flat order
     start_mask = modality_mask(Q, trie, target_modalities)
-    active = np.arange(Q)  # queries the decoder still runs for (the cache's rows), ascending
-    decoder_steps = np.zeros(Q, dtype=np.int64)
+    decoded = _DecodedBeams(Q)
+    decoder_rows = np.zeros((Q, L + 1), dtype=np.int64)
 
     for step in range(L + 1):
         width = history.shape[1]
-        if len(active) == Q:
+        if decoded.full:
             hidden = decoder.step(tokens, cache)  # (Q, width, d)
             # A new tensor (overwritten below); fp32 whatever precision the decoder computes in.
             logits = (hidden @ decoder.level_weight(step).T).float()  # (Q, width, n)
         else:
-            # Forced queries (step >= 2): any finite logits give their one allowed code
-            # log-probability 0.
+            # Beams left out (step >= 1) are forced or dead: any finite logits give a forced
+            # beam's one allowed code log-probability 0.
             logits = torch.zeros((Q, width, K), device=device)
-            if len(active):
-                hidden = decoder.step(tokens, cache)  # (active, width, d)
-                logits[torch.from_numpy(active).to(device)] = (hidden @ decoder.level_weight(step).T).float()
-        decoder_steps[active] += 1
+            if len(decoded.queries):
+                hidden = decoder.step(tokens, cache)  # (queries, decoded beams, d)
+                logits[torch.from_numpy(decoded.queries[:, None]).to(device),
+                       torch.from_numpy(decoded.slots).to(device)] = (hidden @ decoder.level_weight(step).T).float()
+        decoder_rows[decoded.queries, step] = decoded.slots.shape[1]
         n = logits.shape[-1]
         mask = np.zeros((Q * width, n), dtype=bool)
         live = np.flatnonzero(alive)
@@ -338,22 +377,23 @@ def beam_search(
         beam_scores = top_scores
         if trace is not None:
             trace.append(np.where(new_alive.reshape(Q, keep)[..., None], history, -1))
-        if step == L or not len(active):
+        if step == L or not len(decoded.queries):
             continue
-        kept_queries = None
-        if skip_forced and normalize == "allowed" and step >= 1:
-            # A query stays while one of its live beams has more than one ID below it.
-            open_query = np.zeros(Q, dtype=bool)
-            open_query[np.flatnonzero(new_alive)[~trie.single_completion(state)] // keep] = True
-            if not open_query[active].all():
-                kept_queries = np.flatnonzero(open_query[active])  # positions in `active`
-                active = active[kept_queries]
-                if not len(active):
-                    continue
-        cache.reorder(torch.from_numpy(parent[active]).to(device),
+        if skip_forced and normalize == "allowed":
+            # The decoder runs on for the live beams with more than one ID below them.
+            open_beam = new_alive.reshape(Q, keep).copy()
+            if step >= 1:
+                open_beam.reshape(-1)[np.flatnonzero(new_alive)[trie.single_completion(state)]] = False
+        else:
+            open_beam = np.ones((Q, keep), dtype=bool)
+        kept_queries, parent_rows = decoded.advance(open_beam, parent, width)
+        if not len(decoded.queries):
+            continue
+        cache.reorder(torch.from_numpy(parent_rows).to(device),
                       None if kept_queries is None else torch.from_numpy(kept_queries).to(device))
         offset = level_token_offset(step, K)
-        tokens = torch.from_numpy(np.where(new_alive.reshape(Q, keep), code + offset, 0)[active]).to(device)
+        tokens = torch.from_numpy(np.where(new_alive.reshape(Q, keep), code + offset, 0)[decoded.queries[:, None],
+                                                                                         decoded.slots]).to(device)
 
     # Pad to beam_size slots so that results have a fixed shape.
     width = history.shape[1]
@@ -366,4 +406,4 @@ def beam_search(
     items: list[list[np.ndarray]] = [[] for _ in range(Q)]
     for flat, beam_items in zip(np.flatnonzero(alive), leaf_items):
         items[flat // width].append(beam_items)
-    return BeamResult(codes=codes, scores=scores, items=items, decoder_steps=decoder_steps)
+    return BeamResult(codes=codes, scores=scores, items=items, decoder_rows=decoder_rows)

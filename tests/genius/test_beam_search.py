@@ -373,7 +373,8 @@ def test_skipping_forced_steps_changes_no_result(seed, options):
     fast = beam_search(decoder, trie, queries, **options)
     assert (full.decoder_steps == 7).all()
     assert (fast.decoder_steps < 7).all(), "30 IDs in 32**6 codes are unique long before the leaves"
-    assert len(set(fast.decoder_steps.tolist())) > 1 or seed, "queries leave the decoder at different steps"
+    assert (fast.decoder_rows.sum(1) < full.decoder_rows.sum(1)).all()
+    assert (fast.decoder_rows <= full.decoder_rows).all()
     assert np.array_equal(fast.codes, full.codes)
     # The decoder runs on fewer queries once some are forced: scores agree to float rounding.
     np.testing.assert_allclose(fast.scores, full.scores, rtol=0, atol=1e-5)
