@@ -41,7 +41,6 @@ log-probabilities, like ours.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
 import logging
@@ -50,14 +49,12 @@ import os
 import platform
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +69,7 @@ from genius.decoder import (  # noqa: E402
     GeniusDecoder,
     level_token_offset,
 )
+from genius.decoder_precision import precision_support, with_precision  # noqa: E402
 from genius.idcodec import IdCodec  # noqa: E402
 from genius.modality import NUM_MODALITIES, Modality  # noqa: E402
 from genius.trie import Trie  # noqa: E402
@@ -404,15 +402,6 @@ def run_hf(model, decoder: GeniusDecoder, fn, queries: torch.Tensor, beam: int, 
 
 
 # --------------------------------------------------------------------------- low precision
-class Bf16Decoder(GeniusDecoder):
-    """A GeniusDecoder converted to bfloat16 (weights, activations, KV cache); query embeddings
-    are cast on entry. beam_search takes each level's logits to fp32 before its log-softmax,
-    so scores are summed in fp32."""
-
-    def start_cache(self, query_emb: torch.Tensor):
-        return super().start_cache(query_emb.to(self.lm_head.weight.dtype))
-
-
 def cpu_flags() -> list[str]:
     """The CPU's low-precision instruction sets (from /proc/cpuinfo), for the record."""
     wanted = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
@@ -428,43 +417,13 @@ def cpu_flags() -> list[str]:
 
 
 def lowp_support(variant: str) -> tuple[bool, str]:
-    """Whether this torch build and CPU run the variant, and why (not)."""
-    try:
-        if variant == "bf16":
-            if not torch.backends.mkldnn.is_available():
-                return False, "torch built without oneDNN (mkldnn)"
-            if hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return False, "oneDNN reports no bf16 support on this CPU (needs avx512bw, avx512_bf16 or amx)"
-            F.linear(torch.ones(4, 8, dtype=torch.bfloat16), torch.ones(2, 8, dtype=torch.bfloat16))
-            native = [f for f in cpu_flags() if f in ("avx512_bf16", "amx_bf16")]
-            return True, ("native bf16: " + ", ".join(native)) if native else "bf16 emulated (no avx512_bf16/amx_bf16)"
-        if variant == "int8":
-            engines = torch.backends.quantized.supported_engines
-            if not {"x86", "fbgemm", "onednn", "qnnpack"} & set(engines):
-                return False, f"no quantized engine (supported: {engines})"
-            make_lowp(nn.Sequential(nn.Linear(8, 2)), "int8")(torch.ones(4, 8))
-            return True, f"quantized engine {torch.backends.quantized.engine}"
-    except Exception as exc:  # an unsupported CPU or build: report, do not fail the benchmark
-        return False, f"{type(exc).__name__}: {exc}"
-    return False, f"unknown variant {variant!r}"
-
-
-def make_lowp(decoder: nn.Module, variant: str) -> nn.Module:
-    """A low-precision copy of the decoder (the fp32 one is left as it is)."""
-    if variant == "bf16":
-        low = copy.deepcopy(decoder).to(torch.bfloat16)
-        low.__class__ = Bf16Decoder
-        return low.eval()
-    if variant == "int8":
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            if isinstance(decoder, GeniusDecoder):
-                # The layers' projections and feed-forward; the level logits (lm_head slices) stay fp32.
-                low = copy.deepcopy(decoder)
-                low.layers = torch.ao.quantization.quantize_dynamic(low.layers, {nn.Linear}, dtype=torch.qint8)
-                return low.eval()
-            return torch.ao.quantization.quantize_dynamic(decoder, {nn.Linear}, dtype=torch.qint8).eval()
-    raise ValueError(f"unknown low-precision variant {variant!r}")
+    """Whether this torch build and CPU run the variant, and why (not); bf16 says whether it is
+    native (avx512_bf16 / amx_bf16) or emulated."""
+    ok, why = precision_support(variant)
+    if ok and variant == "bf16":
+        native = [f for f in cpu_flags() if f in ("avx512_bf16", "amx_bf16")]
+        why = ("native bf16: " + ", ".join(native)) if native else "bf16 emulated (no avx512_bf16/amx_bf16)"
+    return ok, why
 
 
 def compare(ours: dict, hf: dict, tie_tol: float = 1e-4, names: tuple[str, str] = ("ours", "hf")) -> dict:
@@ -1045,7 +1004,7 @@ def main(argv: list[str] | None = None) -> dict:
         ok, why = lowp_support(variant)
         lowp_info[variant] = {"supported": ok, "support": why}
         if ok:
-            low = make_lowp(decoder, variant)
+            low = with_precision(decoder, variant)
             methods[f"ours_{variant}"] = (lambda d: lambda q: decode_ours(d, trie, q, W, top_k))(low)
         else:
             log.warning("low-precision variant %s skipped: %s", variant, why)

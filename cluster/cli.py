@@ -85,7 +85,7 @@ def _search(args: argparse.Namespace) -> int:
     from genius.items import Items
     from genius.tables import read_items
 
-    index = GeniusIndex.load(args.index, device=args.device)
+    index = GeniusIndex.load(args.index, device=args.device).set_decode_precision(args.decode_precision)
     if args.queries:
         queries = read_items(args.queries).items
     elif args.text or args.image:
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.eval_cli import add_eval_commands
     from cluster.index_cli import add_index_commands
     from cluster.search_batch import add_search_batch_command
-    from cluster.serve_cli import add_serve_commands
+    from cluster.serve_cli import DECODE_PRECISION_HELP, DECODE_PRECISIONS, add_serve_commands
     from cluster.train_cli import add_train_commands
     from cluster.ui_cli import add_ui_command
 
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", action="store_true", help="rank by beam score only")
     p.add_argument("--rerank-with", choices=["vectors", "codes"], default="vectors",
                    help="re-rank with stored item vectors or with vectors rebuilt from the IDs")
+    p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32", help=DECODE_PRECISION_HELP)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(run=_search)
 

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     units = plan_units(args.queries, args.unit_rows)
     options = {"k": args.k, "beam_size": args.beam, "rerank": not args.no_rerank,
                "target_modalities": args.modality or None}
-    settings = {"index": str(version.resolve()), "queries": args.queries, "unit_rows": args.unit_rows, **options}
+    settings = {"index": str(version.resolve()), "queries": args.queries, "unit_rows": args.unit_rows,
+                "decode_precision": args.decode_precision, **options}
     job = JobManifest.open(out, settings, args.resume)
     todo = [u for u in units if not job.is_done(u["name"])]
     by_name = {u["name"]: u for u in units}
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     started = time.perf_counter()
     if todo:
-        actors = [SearchWorker.options(num_cpus=args.cpus_per_actor).remote(str(version), args.cpus_per_actor)
+        actors = [SearchWorker.options(num_cpus=args.cpus_per_actor).remote(str(version), args.cpus_per_actor,
+                                                                            args.decode_precision)
                   for _ in range(min(args.actors, len(todo)))]
         run_on_actors(actors, [u["name"] for u in todo],
                       lambda a, name: a.search.remote(by_name[name], str(out / f"results-{name}.parquet"), options),
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_search_batch_command(sub: argparse._SubParsersAction) -> None:
+    from cluster.serve_cli import DECODE_PRECISION_HELP, DECODE_PRECISIONS
+
     p = sub.add_parser("search-batch", help="search a large query set on a Ray cluster; top-k per query to Parquet",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", required=True, help="index folder (its CURRENT version) or a version folder")
@@ -138,6 +142,7 @@ def add_search_batch_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modality", action="append", choices=["image", "text", "image_text"],
                    help="only return items of this modality (repeatable)")
     p.add_argument("--no-rerank", action="store_true", help="rank by beam score only")
+    p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="fp32", help=DECODE_PRECISION_HELP)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds without any unit finishing before giving up")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

@@ -183,6 +183,23 @@ class GeniusIndex:
         self.encoder = encoder
         self.deleted = np.zeros(0, dtype=np.int64) if deleted is None else np.asarray(deleted, dtype=np.int64)
         self.path = path
+        self.decode_precision = "fp32"
+        self._search_decoder = self.decoder
+
+    def set_decode_precision(self, precision: str) -> "GeniusIndex":
+        """Search with the decoder in `precision` ("fp32", "bf16", "int8"; a converted copy, the
+        stored weights stay fp32). A precision this CPU or torch build cannot run is a ValueError
+        saying why."""
+        from genius.decoder_precision import PRECISIONS, precision_support, with_precision
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown decode precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        ok, why = precision_support(precision)
+        if not ok:
+            raise ValueError(f"decode precision {precision} is not available here: {why}")
+        self._search_decoder = with_precision(self.decoder, precision)
+        self.decode_precision = precision
+        return self
 
     def __len__(self) -> int:
         """Live items (deleted ones not counted)."""
@@ -381,7 +398,7 @@ class GeniusIndex:
         settings = settings or self.beam_settings()
         weight = settings.codebook_weight
         scores = self.quantizer.code_scores(query_emb) if weight else None
-        return beam_search(self.decoder, self.trie, query_emb, beam_size, target_modalities,
+        return beam_search(self._search_decoder, self.trie, query_emb, beam_size, target_modalities,
                            codebook_scores=scores, codebook_weight=weight, trace=trace,
                            level_widths=settings.level_widths, min_modality_prob=settings.min_modality_prob,
                            lookahead_rows=settings.lookahead_rows, lookahead_pool=settings.lookahead_pool,

@@ -50,6 +50,7 @@ class ReplicaConfig:
     max_batch: int = 32  # queries per beam search; 1: decode each request in its own thread
     shard_tls_ca: str | None = None  # PEM CA file: reach the shard servers over TLS
     shard_token: str | None = None  # bearer token for the shard servers
+    decode_precision: str = "fp32"  # the decoder's precision in search: fp32, bf16 or int8
 
     @classmethod
     def default(cls) -> "ReplicaConfig":
@@ -108,10 +109,10 @@ class ServedVersion:
     ends: np.ndarray
 
     @classmethod
-    def open(cls, path: str | Path) -> "ServedVersion":
+    def open(cls, path: str | Path, decode_precision: str = "fp32") -> "ServedVersion":
         from genius.index import GeniusIndex
 
-        index = GeniusIndex.load(path)
+        index = GeniusIndex.load(path).set_decode_precision(decode_precision)
         ranges = index.vectors.ranges if index.vectors is not None else []
         return cls(index, index.path.name, np.array([r.start for r in ranges], dtype=np.int64),
                    np.array([r.end for r in ranges], dtype=np.int64))
@@ -136,7 +137,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             self.add_shard(number, addresses)
         self.pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.shards)), thread_name_prefix="genius-scatter")
         self.batcher = QueryBatcher(self.config.max_batch, metrics) if self.config.max_batch > 1 else None
-        self.served = ServedVersion.open(version)
+        self.served = ServedVersion.open(version, self.config.decode_precision)
         self._check_shard_map(self.served)
         self._set_version_metric()
         self._stop = threading.Event()
@@ -194,7 +195,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         Raises VersionNotReady (and keeps the old version) while a shard server that answers
         cannot open it yet; a shard server that is down does not hold the move up."""
         t0 = time.perf_counter()
-        served = ServedVersion.open(version)
+        served = ServedVersion.open(version, self.config.decode_precision)
         if self.on_new_version is not None:
             self.on_new_version(served)
         self._check_shard_map(served)

@@ -10,11 +10,12 @@ from workers.embed import set_threads
 
 @ray.remote(max_restarts=-1, max_task_retries=3)
 class SearchWorker:
-    def __init__(self, index: str, num_cpus: float):
+    def __init__(self, index: str, num_cpus: float, decode_precision: str = "fp32"):
         from genius.index import GeniusIndex
 
         set_threads(num_cpus)
-        self.index = GeniusIndex.load(index)  # the version CURRENT names when the actor starts
+        # The version CURRENT names when the actor starts.
+        self.index = GeniusIndex.load(index).set_decode_precision(decode_precision)
         self.version = self.index.path.name
 
     def search(self, unit: dict, out: str, options: dict) -> dict:

@@ -58,6 +58,11 @@ def test_fit_info_search(tables, capsys):
     assert main(["search", "--index", str(out), "--queries", str(root / "test.parquet"), "--out", str(plain),
                  "-k", "5", "--beam", "10", "--codebook-weight", "0", "--level-widths", "--lookahead-rows", "0"]) == 0
     assert set(pq.read_table(plain).to_pydict()["key"]) <= set(keys)
+    # ... and decode in int8
+    low = root / "int8.parquet"
+    assert main(["search", "--index", str(out), "--queries", str(root / "test.parquet"), "--out", str(low),
+                 "-k", "5", "--beam", "10", "--decode-precision", "int8"]) == 0
+    assert set(pq.read_table(low).to_pydict()["key"]) <= set(keys)
 
 
 def test_bad_row_names_file_and_row(tables, tmp_path, caplog):

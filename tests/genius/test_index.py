@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
+import torch
 
 from genius.codes_check import check_codes
 from genius.index import LARGE_CORPUS_WIDTHS, GeniusIndex, IndexConfig
@@ -90,6 +91,25 @@ def test_codebook_weighted_beam_finds_the_best_code_and_keeps_recall(data, index
     mixed = index.search(data.test_queries, k=10, beam_size=BEAM, rerank=False, codebook_weight=30.0)
     assert ((mixed.items >= 0) & (mixed.items < len(index))).all()
     assert recall_at_k(mixed.as_lists(), relevant(data), 10) > 0.5
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_decoding_keeps_recall(data, index, tmp_path, precision):
+    from genius.decoder_precision import precision_support
+
+    ok, why = precision_support(precision)
+    if not ok:
+        pytest.skip(why)
+    index.save(tmp_path)
+    low = GeniusIndex.load(tmp_path).set_decode_precision(precision)
+    assert low.decode_precision == precision and low.decoder.lm_head.weight.dtype == torch.float32
+    exact = recall_at_k(index.search(data.test_queries, k=10, beam_size=BEAM, rerank=False).as_lists(),
+                        relevant(data), 10)
+    approx = recall_at_k(low.search(data.test_queries, k=10, beam_size=BEAM, rerank=False).as_lists(),
+                         relevant(data), 10)
+    assert approx >= exact - 0.05, (approx, exact)
+    with pytest.raises(ValueError, match="unknown decode precision"):
+        low.set_decode_precision("fp8")
 
 
 def test_fit_save_load_search_is_identical(data, index, tmp_path):

@@ -283,3 +283,21 @@ def test_a_replica_waits_for_shard_servers_that_lack_the_new_version(index_root,
         replica.servicer.close()
         for server, _ in shards:
             server.stop(0).wait()
+
+
+def test_a_replica_decoding_in_int8_answers_like_the_library_in_int8(index_root):
+    from genius.decoder_precision import precision_support
+
+    ok, why = precision_support("int8")
+    if not ok:
+        pytest.skip(why)
+    cluster = serve_local(str(index_root), config=ReplicaConfig(Limits(), decode_precision="int8"))
+    index = GeniusIndex.load(index_root).set_decode_precision("int8")
+    try:
+        with grpc.insecure_channel(cluster.address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            for text in (f"the {w} once more" for w in WORDS[:4]):
+                hits = [h.key for h in stub.Search(request(text, beam_size=20), timeout=60).hits]
+                assert hits == index.search(Items(texts=[text]), k=5, beam_size=20).keys[0]
+    finally:
+        cluster.stop(0)
