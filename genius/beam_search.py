@@ -276,9 +276,10 @@ def beam_search(
     rows), chosen among the `lookahead_pool` x width best by score alone; 0: by score alone.
     skip_forced: under "allowed" normalisation, stop running the decoder for a beam once it
     has a single complete ID below it (its remaining steps are forced: the allowed code's
-    log-probability is 0, whatever the decoder says); the trie finishes its ID. The same results (scores to float rounding: the decoder's batch shrinks; False runs
-    the decoder at every step, for checking), fewer forward passes: at 100k+ items most
-    prefixes of 3-4 codes are unique already.
+    log-probability is 0, whatever the decoder says); the trie finishes its ID. The same
+    results (scores to float rounding: the decoder's batch shrinks; False runs the decoder at
+    every step, for checking), fewer forward passes: at 100k+ items most prefixes of 3-4
+    codes are unique already.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
