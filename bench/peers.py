@@ -178,7 +178,7 @@ def genius_config(num_items: int, args: argparse.Namespace):
     cfg = IndexConfig.for_corpus(num_items, **shape)
     if args.decoder:
         cfg.decoder = DecoderConfig.named(args.decoder)
-    if args.quantizer_epochs:
+    if args.quantizer_epochs is not None:
         cfg.quantizer = replace(cfg.quantizer, epochs=args.quantizer_epochs)
     cfg.quantizer = replace(cfg.quantizer, batch_size=args.quantizer_batch,
                             dead_code_threshold=0.02 * args.quantizer_batch / cfg.quantizer.codebook_size)
