@@ -315,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(rows genius_cbW, genius_r_cbW)")
     p.add_argument("--level-widths", type=int, nargs="*",
                    help="GENIUS beam widths of the first code levels, then --beam (default: IndexConfig's, "
-                        "256 400 200 from 50,000 items; no value: --beam throughout)")
+                        "256 400 200 from 2,000 items; no value: --beam throughout)")
     p.add_argument("--level-widths-rows", type=widths_list, nargs="*", default=[],
                    help="ablation: also search the same GENIUS model with these first-level widths, each "
                         "comma-separated ('' for none; rows genius_lwA-B-C, genius_r_lwA-B-C)")

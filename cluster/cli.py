@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank far below the unquantized projection)")
     p.add_argument("--level-widths", type=int, nargs="*", metavar="W",
                    help="beam widths of the first code levels, then --beam, stored with the index (default: "
-                        "256 400 200 from 50,000 items, which keep more prefixes where the first codes' scores "
+                        "256 400 200 from 2,000 items, which keep more prefixes where the first codes' scores "
                         "cannot yet tell the target from its neighbours, else --beam throughout; no value: "
                         "--beam throughout)")
     p.add_argument("--lookahead-rows", type=int, metavar="N",

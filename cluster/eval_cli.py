@@ -80,7 +80,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "on full-pool WordNet; 0: the decoder alone, as in the paper)")
     p.add_argument("--level-widths", type=int, nargs="*", metavar="W",
                    help="beam widths of the first code levels, then the beam (default: 256 400 200 from "
-                        "50,000 items, else the beam throughout; no value: the beam throughout)")
+                        "2,000 items, else the beam throughout; no value: the beam throughout)")
     p.add_argument("--lookahead-rows", type=int, metavar="N",
                    help="prune the codes-scored beam with a prefix's best completion read from up to N of its "
                         "items (default: 4; 0: by score alone)")

@@ -50,9 +50,12 @@ RERANK_SOURCES = ("vectors", "codes")
 # At 12 x 256 on full-pool WordNet (117k items), widths 256/400/200 keep the target's prefix
 # after levels 1-3 for 100/72/40 % of queries against 94/40/27 % with the beam of 50 throughout
 # (R@10 0.214 -> 0.234), for 2.3x the search time (bench/results/peers-genius-12x256-lw.md).
-# In small corpora a beam of 50 already holds much of each level, and the widths only cost.
-LARGE_CORPUS = 50_000
-LARGE_CORPUS_WIDTHS = (256, 400, 200)
+# Smaller corpora gain as much: WordNet 2k R@5/10 0.569/0.603 -> 0.607/0.653, 10k 0.372/0.439 ->
+# 0.409/0.483 (peers-curve-widths.md), Openclipart image -> text 0.076/0.112 -> 0.080/0.115
+# (peers-openclipart-widths.md), for ~1.6x the time of one query. Below WIDE_BEAM_CORPUS the
+# levels hold few prefixes and it is unmeasured.
+WIDE_BEAM_CORPUS = 2_000
+WIDE_BEAM_WIDTHS = (256, 400, 200)
 
 
 @dataclass
@@ -82,7 +85,7 @@ class IndexConfig:
     codes_usable: bool = True
     # Beam widths of the first semantic levels (then beam_size; empty: beam_size throughout):
     # the first codes' scores cannot yet tell the target's prefix from its neighbours'.
-    # for_corpus sets LARGE_CORPUS_WIDTHS from LARGE_CORPUS items.
+    # for_corpus sets WIDE_BEAM_WIDTHS from WIDE_BEAM_CORPUS items.
     level_widths: list[int] = field(default_factory=list)
     # With the codes scoring the beam, prune each level by score plus an estimate of a
     # prefix's best completion read from up to this many of its items' codes, among the
@@ -103,12 +106,12 @@ class IndexConfig:
     @classmethod
     def for_corpus(cls, num_items: int, **quantizer_overrides) -> "IndexConfig":
         """A CPU-sized config: codebooks sized to the corpus and a small decoder; from
-        LARGE_CORPUS items, a beam widened at the first levels (LARGE_CORPUS_WIDTHS)."""
+        WIDE_BEAM_CORPUS items, a beam widened at the first levels (WIDE_BEAM_WIDTHS)."""
         return cls(
             quantizer=QuantizerConfig.for_corpus(num_items, **quantizer_overrides),
             decoder=DecoderConfig.small(),
             decoder_training=DecoderTrainConfig(epochs=30, batch_size=128, lr=2e-3),
-            level_widths=list(LARGE_CORPUS_WIDTHS) if num_items >= LARGE_CORPUS else [],
+            level_widths=list(WIDE_BEAM_WIDTHS) if num_items >= WIDE_BEAM_CORPUS else [],
         )
 
     def to_dict(self) -> dict:

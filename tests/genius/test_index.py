@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from genius.codes_check import check_codes
-from genius.index import LARGE_CORPUS_WIDTHS, GeniusIndex, IndexConfig
+from genius.index import WIDE_BEAM_WIDTHS, GeniusIndex, IndexConfig
 from genius.metrics import exact_knn, recall_at_k
 from genius.modality import Modality
 
@@ -166,7 +166,8 @@ def test_configs_saved_before_the_codebook_weight_keep_the_decoder_only_beam():
 
 def test_large_corpora_get_the_widened_beam():
     assert IndexConfig.for_corpus(1000).level_widths == []
-    assert IndexConfig.for_corpus(200_000).level_widths == list(LARGE_CORPUS_WIDTHS)
+    assert IndexConfig.for_corpus(2000).level_widths == list(WIDE_BEAM_WIDTHS)
+    assert IndexConfig.for_corpus(200_000).level_widths == list(WIDE_BEAM_WIDTHS)
 
 
 def test_fit_finds_its_codes_usable_and_scrambled_codes_are_not(data, index):
