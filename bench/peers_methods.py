@@ -190,8 +190,8 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
                    skip_forced: bool = True) -> tuple[Built, Built]:
     """(genius, genius_r) searching a fitted index; codebook_weight, level_widths and
     lookahead_rows override the config's; skip_forced=False runs the decoder at every step
-    (the same results, for timing what skipping forced steps saves). distinct_ids: the index's count of distinct IDs when known (a unique over
-    every ID)."""
+    (the same results, for timing what skipping forced steps saves). distinct_ids: the index's
+    count of distinct IDs when known (a unique over every ID)."""
     from genius.rerank import cosine
 
     pool_size = len(index)

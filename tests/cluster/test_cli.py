@@ -159,3 +159,11 @@ def test_shard_patterns_keep_urls_whole():
     assert resolve_shards("https://data.example/fm-{000..002}.tar") == [
         f"https://data.example/fm-{i:03d}.tar" for i in range(3)]
     assert resolve_shards("pipe:aws s3 cp s3://bucket/fm-000.tar -") == ["pipe:aws s3 cp s3://bucket/fm-000.tar -"]
+
+
+def test_the_clis_decode_precisions_are_the_librarys():
+    # Written out in cluster/serve_cli.py so that `genius --help` need not import torch.
+    from cluster.serve_cli import DECODE_PRECISIONS
+    from genius.decoder_precision import PRECISIONS
+
+    assert DECODE_PRECISIONS == PRECISIONS
