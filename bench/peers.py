@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import logging
 import os
 import platform
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers_data  # noqa: E402
 import peers_methods  # noqa: E402
+import peers_paired  # noqa: E402
 import peers_report  # noqa: E402
 
 log = logging.getLogger("bench.peers")
@@ -152,8 +154,12 @@ def ranked_recall(scores_of, queries: np.ndarray, relevance: list[np.ndarray], c
     return {f"r{k}": round(recall(ranked, relevance, k), 4) for k in KS}
 
 
-def measure(method: peers_methods.Built, task: peers_data.PoolTask, args: argparse.Namespace) -> dict[str, Any]:
+def measure(method: peers_methods.Built, task: peers_data.PoolTask, args: argparse.Namespace,
+            hits: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The method's row: recall, speed, bytes, build time; `hits` receives its per-query hits."""
     ranked, wall, cpu = timed_search(method, task.test_queries, 10, args.batch)
+    if hits is not None:
+        hits[method.name] = peers_paired.hits(ranked, task.relevance, KS)
     single = task.test_queries[: args.single_queries]
     _, wall1, cpu1 = timed_search(method, single, 10, 1)
     row = {f"r{k}": round(recall(ranked, task.relevance, k), 4) for k in KS}
@@ -198,12 +204,15 @@ def genius_config(num_items: int, args: argparse.Namespace):
 
 def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argparse.Namespace,
                 keep_index: bool = False, trained: dict[str, Any] | None = None,
-                genius_saved: Path | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
+                genius_saved: Path | None = None,
+                hits: dict[str, np.ndarray] | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
     """Every method of --methods on one task: {method: row}, and the GeniusIndex if kept.
 
     Every method builds with --build-threads and searches with --threads; `trained` shares
-    faiss training between pool sizes (peers_methods.build_faiss)."""
+    faiss training between pool sizes (peers_methods.build_faiss); `hits` receives each
+    method's per-query hits (peers_paired.hits)."""
     rows: dict[str, dict[str, Any]] = {}
+
     pool_fp16 = task.pool.astype(np.float16)
     index = None
     for name in args.methods:
@@ -214,37 +223,81 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
                 task.pool, task.pool_modality, task.train_queries, task.train_targets, int(task.query_modality), cfg,
                 args.beam, progress=args.progress, saved=genius_saved)
             set_threads(args.threads)
-            rows["genius"] = measure(plain, task, args)
-            rows["genius_r"] = measure(reranked, task, args)
+            rows["genius"] = measure(plain, task, args, hits)
+            rows["genius_r"] = measure(reranked, task, args, hits)
             for weight in args.codebook_weights:  # ablation rows: the same model, the beam scored otherwise
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, weight, f"_cb{weight:g}",
                                                             distinct_ids=plain.info["distinct_ids"]):
-                    rows[variant.name] = measure(variant, task, args)
+                    rows[variant.name] = measure(variant, task, args, hits)
             for widths in args.level_widths_rows:  # and the beam widened otherwise
                 suffix = "_lw" + ("-".join(map(str, widths)) or "none")
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix=suffix,
                                                             distinct_ids=plain.info["distinct_ids"],
                                                             level_widths=widths):
-                    rows[variant.name] = measure(variant, task, args)
+                    rows[variant.name] = measure(variant, task, args, hits)
             for rows_read in args.lookahead_rows_rows:  # and pruned with a lookahead
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix=f"_la{rows_read}",
                                                             distinct_ids=plain.info["distinct_ids"],
                                                             lookahead_rows=rows_read):
-                    rows[variant.name] = measure(variant, task, args)
+                    rows[variant.name] = measure(variant, task, args, hits)
             if args.every_step_rows:  # and with the decoder run at every step (same results, slower)
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix="_every_step",
                                                             distinct_ids=plain.info["distinct_ids"],
                                                             skip_forced=False):
-                    rows[variant.name] = measure(variant, task, args)
+                    rows[variant.name] = measure(variant, task, args, hits)
             continue
         sample = train_vectors[: args.rq_train] if name == "rq8x12" else train_vectors
         built = peers_methods.build_faiss(name, task.pool, sample, nprobe=args.nprobe, trained=trained)
         set_threads(args.threads)
-        rows[name] = measure(built, task, args)
+        rows[name] = measure(built, task, args, hits)
         if name != "flat":
             rr = peers_methods.with_rerank(built, pool_fp16)
-            rows[rr.name] = measure(rr, task, args)
+            rows[rr.name] = measure(rr, task, args, hits)
     return rows, (index if keep_index else None)
+
+
+QUERIES_KEY = "__queries__"  # the saved hits' fingerprint of a task's held-out queries
+
+
+def queries_digest(task: peers_data.PoolTask) -> np.ndarray:
+    """SHA-256 of the held-out queries' vectors (uint8[32]): runs pair only on the same queries."""
+    data = np.ascontiguousarray(task.test_queries, dtype=np.float32).tobytes()
+    return np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
+
+
+def peers_from_runs(task_name: str, digest: np.ndarray, hits: dict[str, np.ndarray],
+                    runs: list[tuple[str, dict[str, np.ndarray]]]) -> dict[str, tuple[str, np.ndarray]]:
+    """Peers (peers_paired.PEERS) this run did not measure, from earlier runs' saved hits on the
+    same queries (--pair-with): {method: (hits file, hits)}; the first run holding one wins."""
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for source, saved in runs:
+        theirs = saved.get(f"{task_name}::{QUERIES_KEY}")
+        if theirs is None:
+            continue
+        if not np.array_equal(theirs, digest):
+            log.warning("%s: task %s was measured on other queries (seed, --test-queries or --max-records "
+                        "differ): not paired", source, task_name)
+            continue
+        for method in peers_paired.PEERS:
+            found = saved.get(f"{task_name}::{method}")
+            if found is not None and method not in hits and method not in out:
+                out[method] = (source, found)
+    return out
+
+
+def save_hits(task_hits: dict[str, np.ndarray], path: Path) -> None:
+    """Per-query hits (bool, queries x KS) by "task::method": runs of the same --seed and
+    --test-queries share their queries, so a later run's rows pair with these
+    (peers_paired.compare)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **task_hits)
+    tmp.replace(path)
+
+
+def load_hits(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
 
 
 def set_threads(n: int) -> None:
@@ -332,6 +385,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--genius-index", type=Path,
                    help="folder of saved full-pool GENIUS fits (one per task): a fit of the same pool and "
                         "config found there is loaded instead of refitted, otherwise saved there")
+    p.add_argument("--pair-with", type=Path, nargs="*", default=[],
+                   help="earlier runs' per-query hits (<name>_hits.npz, written by every run) on the same queries: "
+                        "the faiss rows they hold and this run lacks join the paired comparisons (e.g. a "
+                        "GENIUS-only run paired with a full run's faiss rows)")
     p.add_argument("--rq-train", type=int, default=32768,
                    help="RQ8x12's training sample (default 32768: its 4096-code k-means dominate the build)")
     p.add_argument("--encoder", help="a saved MultimodalEncoder for the image tasks (default: stage 1 trained on "
@@ -359,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     results: dict[str, Any] = {"meta": meta(args), "tasks": {}, "skipped": {}, "curve": [], "scale": []}
     out_json = args.out / f"{args.name}.json"
+    task_hits: dict[str, np.ndarray] = {}  # "task::method" -> per-query hits, for pairing across runs
+    earlier_hits = [(str(path), load_hits(path)) for path in args.pair_with]
 
     def save() -> None:
         results["meta"]["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -374,11 +433,22 @@ def main(argv: list[str] | None = None) -> int:
             log.info("task %s: %s", task.name, {k: v for k, v in task.summary().items() if k != "relevance_rule"})
             train_vectors = faiss_training_sample(task.pool, args.faiss_train, args.seed)
             trained: dict[str, Any] = {}
-            rows, index = {}, None
+            rows, index, hits = {}, None, {}
             if not (kind == "wordnet" and args.curve_only):
                 rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained,
-                                          genius_saved=args.genius_index / task.name if args.genius_index else None)
-                results["tasks"][task.name] = {"summary": task.summary(), "methods": rows}
+                                          genius_saved=args.genius_index / task.name if args.genius_index else None,
+                                          hits=hits)
+                digest = queries_digest(task)
+                task_hits.update({f"{task.name}::{m}": h for m, h in hits.items()})
+                task_hits[f"{task.name}::{QUERIES_KEY}"] = digest
+                earlier = peers_from_runs(task.name, digest, hits, earlier_hits)
+                results["tasks"][task.name] = {
+                    "summary": task.summary(), "methods": rows,
+                    "paired": peers_paired.compare({**hits, **{m: h for m, (_, h) in earlier.items()}}, KS,
+                                                   seed=args.seed)}
+                if earlier:
+                    results["tasks"][task.name]["paired_from"] = {m: src for m, (src, _) in earlier.items()}
+                save_hits(task_hits, args.out / f"{args.name}_hits.npz")
             if kind == "wordnet":
                 for size in sorted(args.curve):
                     sub = task.subset(size, args.seed)

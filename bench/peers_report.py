@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import peers_paired
+
 METHOD_ORDER = ("flat", "genius", "genius_r", "pq12", "pq12_rr100", "opq12", "opq12_rr100", "ivfpq", "ivfpq_rr100",
                 "rq8x12", "rq8x12_rr100")
 
@@ -126,6 +128,7 @@ def markdown(results: dict[str, Any], name: str) -> str:
             lines += ["", f"GENIUS fit: {g['fit_config']}; {g['distinct_ids']:,} distinct IDs; trie "
                           f"{g['trie_bytes_per_item']} bytes/item; model {g['model_bytes'] / 2**20:.1f} MiB."]
         lines.append("")
+        lines += peers_paired.markdown(t.get("paired", {}))
     if results.get("curve"):
         sizes = sorted({c["n"] for c in results["curve"]})
         methods = _ordered({c["method"]: 1 for c in results["curve"]})

@@ -1,0 +1,92 @@
+"""Paired comparisons of bench/peers.py's methods on the same held-out queries.
+
+Two methods' recalls on the same 1,000 queries differ by a few queries at a time; whether
+GENIUS is "above" a faiss row is a question about those queries, so each comparison is
+paired: per query, did each method put a relevant item in its top k? The difference of the
+two recalls gets a 95 % confidence interval from a bootstrap over queries (resampling the
+query set, both methods together), plus the counts of queries only one method found.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+KS = (1, 5, 10)
+PEERS = ("flat", "pq12", "opq12", "ivfpq", "rq8x12")  # compared against; flat is exact search
+RESAMPLES = 2000
+
+
+def hits(ranked: np.ndarray, relevance: Sequence[np.ndarray], ks: Iterable[int] = KS) -> np.ndarray:
+    """(Q, len(ks)) bool: whether query q's top k (ranked[q], -1 = nothing) holds a relevant item."""
+    ks = list(ks)
+    out = np.zeros((len(ranked), len(ks)), dtype=bool)
+    for q, (row, rel) in enumerate(zip(ranked, relevance)):
+        found = np.isin(row[: max(ks)], rel) & (row[: max(ks)] >= 0)
+        first = int(np.argmax(found)) if found.any() else len(row)
+        out[q] = [first < k for k in ks]
+    return out
+
+
+def paired_difference(ours: np.ndarray, theirs: np.ndarray, seed: int = 0,
+                      resamples: int = RESAMPLES) -> dict[str, float | int | list[float]]:
+    """Recall of `ours` minus `theirs` (per-query bools of one k) with a 95 % paired bootstrap
+    interval; `wins`/`losses`: queries only ours / only theirs found."""
+    ours, theirs = np.asarray(ours, dtype=bool), np.asarray(theirs, dtype=bool)
+    if ours.shape != theirs.shape or ours.ndim != 1:
+        raise ValueError(f"paired hits need the same queries: shapes {ours.shape} and {theirs.shape}")
+    delta = ours.astype(np.int8) - theirs.astype(np.int8)
+    n = len(delta)
+    if n == 0:
+        return {"diff": 0.0, "ci95": [0.0, 0.0], "wins": 0, "losses": 0}
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)  # resamples drawn together: ~2M indices at a time
+    means = np.concatenate([delta[rng.integers(0, n, (min(chunk, resamples - a), n))].mean(axis=1)
+                            for a in range(0, resamples, chunk)])
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"diff": round(float(delta.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "wins": int((delta > 0).sum()), "losses": int((delta < 0).sum())}
+
+
+def compare(method_hits: dict[str, np.ndarray], ks: Sequence[int] = KS, seed: int = 0,
+            resamples: int = RESAMPLES) -> dict[str, dict[str, dict[str, dict]]]:
+    """{genius row: {peer: {"r5": paired_difference, ...}}} for every GENIUS row (names starting
+    "genius") against every peer of PEERS that ran; `method_hits`: per method, hits() of its
+    rankings on the same queries."""
+    out: dict[str, dict[str, dict[str, dict]]] = {}
+    peers = [p for p in PEERS if p in method_hits]
+    for name, ours in method_hits.items():
+        if not name.startswith("genius") or not peers:
+            continue
+        out[name] = {peer: {f"r{k}": paired_difference(ours[:, i], method_hits[peer][:, i], seed, resamples)
+                            for i, k in enumerate(ks)}
+                     for peer in peers}
+    return out
+
+
+def significance(d: dict) -> str:
+    """'above' / 'below' where the interval excludes 0, else 'tie'."""
+    lo, hi = d["ci95"]
+    return "above" if lo > 0 else "below" if hi < 0 else "tie"
+
+
+def markdown(paired: dict[str, dict[str, dict[str, dict]]], rows: Sequence[str] = ("genius", "genius_r"),
+             ks: Sequence[int] = (5, 10)) -> list[str]:
+    """Lines of a table: per GENIUS row and k, the difference to each peer with its interval."""
+    shown = [r for r in rows if r in paired]
+    if not shown:
+        return []
+    peers = list(paired[shown[0]])
+    lines = ["Paired against each peer on the same queries: GENIUS row's recall minus the peer's, 95 % bootstrap "
+             "interval over queries (queries only GENIUS / only the peer found); **bold** where the interval "
+             "excludes 0.", "",
+             "| row | k | " + " | ".join(peers) + " |", "|---|---:|" + "---|" * len(peers)]
+    for row in shown:
+        for k in ks:
+            cells = []
+            for peer in peers:
+                d = paired[row][peer][f"r{k}"]
+                text = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['wins']}/{d['losses']})"
+                cells.append(f"**{text}**" if significance(d) != "tie" else text)
+            lines.append(f"| {row} | {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
