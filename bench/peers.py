@@ -479,7 +479,8 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads, "build_threads": args.build_threads, "torch": torch.__version__, "faiss": faiss.__version__,
         "beam": args.beam, "batch": args.batch, "single_queries": args.single_queries, "nprobe": args.nprobe,
         "rerank_depth": peers_methods.RERANK_DEPTH, "seed": args.seed,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "options": {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "pair_with" else v)
+                    for k, v in vars(args).items()},
     }
 
 

@@ -42,11 +42,12 @@ def accuracy(results: dict[str, Any], extra_runs: dict[str, dict[str, Any]] | No
     each {r1, r5, r10, pool_share_rescored}. extra_runs ({run name: its results}): GENIUS-only
     runs on the same split (e.g. another fit shape, searched from a saved fit); their variants
     join as "RUN/variant", with each run's command and fit under "runs"; a task the base run did
-    not measure joins with the first run that did (its faiss rows too)."""
+    not measure joins with the first run that did (its faiss rows too). Per task, "paired" holds
+    that run's paired comparisons of genius and genius_r with each faiss row (peers_paired)."""
     out: dict[str, Any] = {"command": results["meta"]["command"], "created": results["meta"]["created"], "tasks": {}}
     summaries: dict[str, Any] = {}
 
-    def add_task(task: str, t: dict[str, Any], variants: dict[str, Any]) -> None:
+    def add_task(task: str, t: dict[str, Any], variants: dict[str, Any], run: str | None = None) -> None:
         rows = t["methods"]
         summaries[task] = t["summary"]
         out["tasks"][task] = {
@@ -55,6 +56,10 @@ def accuracy(results: dict[str, Any], extra_runs: dict[str, dict[str, Any]] | No
             "faiss": {m: {k: rows[m][k] for k in ACCURACY_KEYS[:3]} for m in _ordered(rows)
                       if not m.startswith("genius")},
         }
+        # GENIUS against each faiss row on the same queries, from the run the faiss rows come from
+        paired = {row: by_peer for row, by_peer in t.get("paired", {}).items() if row in ("genius", "genius_r")}
+        if paired:
+            out["tasks"][task]["paired"] = {f"{run}/{row}" if run else row: by_peer for row, by_peer in paired.items()}
 
     for task, t in results["tasks"].items():
         add_task(task, t, _variants(t["methods"]))
@@ -62,7 +67,7 @@ def accuracy(results: dict[str, Any], extra_runs: dict[str, dict[str, Any]] | No
         out.setdefault("runs", {})[run] = {"command": extra["meta"]["command"], "created": extra["meta"]["created"]}
         for task, t in extra["tasks"].items():
             if task not in out["tasks"]:
-                add_task(task, t, {})
+                add_task(task, t, {}, run)
             elif t["summary"] != summaries[task]:
                 raise ValueError(f"{run}: task {task!r} is not the same split as the base run's")
             variants = _variants(t["methods"])
@@ -221,6 +226,8 @@ def _default(o: Any) -> Any:
         return float(o)
     if isinstance(o, (np.ndarray, tuple, set)):
         return list(o)
+    if isinstance(o, Path):  # options such as --pair-with
+        return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 

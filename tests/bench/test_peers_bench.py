@@ -202,7 +202,9 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
                  "faiss": "f", "beam": 50, "batch": 32, "single_queries": 10, "nprobe": 8, "rerank_depth": 100,
                  "total_s": 1.0},
         "tasks": {"generated": {"summary": task.summary(), "methods": {
-            "flat": row, "pq12": {**row, "r5": 0.35}, "genius_r": {**row, "pool_share_rescored": 0.001}}}},
+            "flat": row, "pq12": {**row, "r5": 0.35}, "genius_r": {**row, "pool_share_rescored": 0.001}},
+            "paired": {name: {"pq12": {f"r{k}": {"diff": 0.35, "ci95": [0.3, 0.4], "wins": 35, "losses": 0}
+                                       for k in (1, 5, 10)}} for name in ("genius_r", "genius_r_cb3")}}},
         "curve": [{"n": n, "method": m, "r1": 0.1, "r5": 0.2, "r10": 0.3} for n in (2000, 10000) for m in ("flat", "genius")],
         "scale": [{"n": n, "method": m, "ms_per_query": n / 1e4} for n in (10**4, 10**5) for m in ("flat", "genius")],
         "skipped": {"fashion": "not installed"},
@@ -212,11 +214,13 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
     md = (tmp_path / "peers.md").read_text()
     assert "| pq12 | 0.500 | 0.350 | 0.800 | 0.50 |" in md
     assert "0.100 %" in md and "fashion: not installed" in md
+    assert "| genius_r | 5 | **+0.350 [+0.300, +0.400] (35/0)** |" in md
     for plot in ("peers_recall_qps.png", "peers_curve.png", "peers_scale.png"):
         assert (tmp_path / plot).stat().st_size > 5000
     acc = json.loads((tmp_path / "accuracy.json").read_text())["tasks"]["generated"]
     assert acc["variants"] == {"genius_r": {"r1": 0.5, "r5": 0.7, "r10": 0.8, "pool_share_rescored": 0.001}}
     assert set(acc["faiss"]) == {"flat", "pq12"}
+    assert list(acc["paired"]) == ["genius_r"] and acc["paired"]["genius_r"]["pq12"]["r5"]["diff"] == 0.35
     # a GENIUS-only run on the same split joins accuracy.json under its name ...
     other = {"meta": {"command": "python bench/peers.py --levels 12", "created": "later"},
              "tasks": {"generated": {"summary": task.summary(), "methods": {
@@ -228,10 +232,12 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
     # ... a run of a task the base run did not measure joins with its faiss rows ...
     elsewhere = {"meta": {"command": "python bench/peers.py --tasks openclipart", "created": "later"},
                  "tasks": {"openclipart/text->image": {"summary": {**task.summary(), "pool": 7}, "methods": {
-                     "genius": {**row, "r5": 0.25}, "flat": {**row, "r5": 0.3}}}}}
+                     "genius": {**row, "r5": 0.25}, "flat": {**row, "r5": 0.3}},
+                     "paired": {"genius": {"flat": {"r5": {"diff": -0.05, "ci95": [-0.1, 0.0], "wins": 0,
+                                                          "losses": 5}}}}}}}
     joined = peers_report.accuracy(results, {"oc": elsewhere, "deep": other})["tasks"]["openclipart/text->image"]
     assert joined["pool"] == 7 and joined["variants"]["oc/genius"]["r5"] == 0.25
-    assert joined["faiss"]["flat"]["r5"] == 0.3
+    assert joined["faiss"]["flat"]["r5"] == 0.3 and joined["paired"]["oc/genius"]["flat"]["r5"]["losses"] == 5
     # ... and one of another split is refused
     other["tasks"]["generated"]["summary"] = {**task.summary(), "seed": 99}
     with pytest.raises(ValueError, match="same split"):

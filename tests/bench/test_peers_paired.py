@@ -2,6 +2,7 @@
 bootstrap finds a real difference and not an absent one, and runs pair only on the same queries."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -89,4 +90,7 @@ def test_saved_hits_round_trip_and_pair_only_on_the_same_queries(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         assert peers.peers_from_runs(name, other, {}, [(str(path), loaded)]) == {}
     assert "other queries" in caplog.text
-    assert peers.parse_args(["--pair-with", str(path)]).pair_with == [path]
+    args = peers.parse_args(["--pair-with", str(path), "--genius-index", str(tmp_path)])
+    assert args.pair_with == [path]
+    # the run's record names them as text (a list of paths once failed to serialise)
+    assert json.loads(json.dumps(peers.meta(args)))["options"]["pair_with"] == [str(path)]
