@@ -212,7 +212,6 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
     faiss training between pool sizes (peers_methods.build_faiss); `hits` receives each
     method's per-query hits (peers_paired.hits)."""
     rows: dict[str, dict[str, Any]] = {}
-
     pool_fp16 = task.pool.astype(np.float16)
     index = None
     for name in args.methods:
@@ -283,6 +282,22 @@ def peers_from_runs(task_name: str, digest: np.ndarray, hits: dict[str, np.ndarr
             if found is not None and method not in hits and method not in out:
                 out[method] = (source, found)
     return out
+
+
+def paired_record(task: peers_data.PoolTask, hits: dict[str, np.ndarray],
+                  earlier_hits: list[tuple[str, dict[str, np.ndarray]]], task_hits: dict[str, np.ndarray],
+                  seed: int) -> dict[str, Any]:
+    """The task's "paired" comparisons (and "paired_from": the earlier runs that supplied faiss
+    rows); adds its hits and query fingerprint to `task_hits`, the run's hits file."""
+    digest = queries_digest(task)
+    task_hits.update({f"{task.name}::{m}": h for m, h in hits.items()})
+    task_hits[f"{task.name}::{QUERIES_KEY}"] = digest
+    earlier = peers_from_runs(task.name, digest, hits, earlier_hits)
+    record: dict[str, Any] = {
+        "paired": peers_paired.compare({**hits, **{m: h for m, (_, h) in earlier.items()}}, KS, seed=seed)}
+    if earlier:
+        record["paired_from"] = {m: source for m, (source, _) in earlier.items()}
+    return record
 
 
 def save_hits(task_hits: dict[str, np.ndarray], path: Path) -> None:
@@ -438,16 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows, index = run_methods(task, train_vectors, args, keep_index=kind == "wordnet", trained=trained,
                                           genius_saved=args.genius_index / task.name if args.genius_index else None,
                                           hits=hits)
-                digest = queries_digest(task)
-                task_hits.update({f"{task.name}::{m}": h for m, h in hits.items()})
-                task_hits[f"{task.name}::{QUERIES_KEY}"] = digest
-                earlier = peers_from_runs(task.name, digest, hits, earlier_hits)
-                results["tasks"][task.name] = {
-                    "summary": task.summary(), "methods": rows,
-                    "paired": peers_paired.compare({**hits, **{m: h for m, (_, h) in earlier.items()}}, KS,
-                                                   seed=args.seed)}
-                if earlier:
-                    results["tasks"][task.name]["paired_from"] = {m: src for m, (src, _) in earlier.items()}
+                results["tasks"][task.name] = {"summary": task.summary(), "methods": rows,
+                                               **paired_record(task, hits, earlier_hits, task_hits, args.seed)}
                 save_hits(task_hits, args.out / f"{args.name}_hits.npz")
             if kind == "wordnet":
                 for size in sorted(args.curve):

@@ -134,6 +134,9 @@ def markdown(results: dict[str, Any], name: str) -> str:
                           f"{g['trie_bytes_per_item']} bytes/item; model {g['model_bytes'] / 2**20:.1f} MiB."]
         lines.append("")
         lines += peers_paired.markdown(t.get("paired", {}))
+        if t.get("paired_from"):
+            lines += ["Paired with faiss rows of earlier runs on the same queries: " +
+                      "; ".join(f"{m} from `{src}`" for m, src in t["paired_from"].items()) + ".", ""]
     if results.get("curve"):
         sizes = sorted({c["n"] for c in results["curve"]})
         methods = _ordered({c["method"]: 1 for c in results["curve"]})

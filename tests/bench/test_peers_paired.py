@@ -90,6 +90,15 @@ def test_saved_hits_round_trip_and_pair_only_on_the_same_queries(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         assert peers.peers_from_runs(name, other, {}, [(str(path), loaded)]) == {}
     assert "other queries" in caplog.text
+    # a GENIUS-only run on the same queries: paired with the saved run's faiss rows, its own hits recorded
+    task.name = name
+    run_hits: dict[str, np.ndarray] = {}
+    genius = np.array([[True, True, True], [False, True, True], [False, False, True], [False, False, False]])
+    record = peers.paired_record(task, {"genius": genius}, [(str(path), loaded)], run_hits, seed=0)
+    assert record["paired_from"] == {"flat": str(path), "rq8x12": str(path)}
+    assert record["paired"]["genius"]["rq8x12"]["r10"]["wins"] == 3
+    assert record["paired"]["genius"]["flat"]["r1"]["losses"] == 3
+    assert set(run_hits) == {f"{name}::genius", f"{name}::{peers.QUERIES_KEY}"}
     args = peers.parse_args(["--pair-with", str(path), "--genius-index", str(tmp_path)])
     assert args.pair_with == [path]
     # the run's record names them as text (a list of paths once failed to serialise)
