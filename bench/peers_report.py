@@ -135,8 +135,11 @@ def markdown(results: dict[str, Any], name: str) -> str:
         lines.append("")
         lines += peers_paired.markdown(t.get("paired", {}))
         if t.get("paired_from"):
+            sources: dict[str, list[str]] = {}
+            for meth, src in t["paired_from"].items():
+                sources.setdefault(src, []).append(meth)
             lines += ["Paired with faiss rows of earlier runs on the same queries: " +
-                      "; ".join(f"{m} from `{src}`" for m, src in t["paired_from"].items()) + ".", ""]
+                      "; ".join(f"{', '.join(ms)} from `{src}`" for src, ms in sources.items()) + ".", ""]
     if results.get("curve"):
         sizes = sorted({c["n"] for c in results["curve"]})
         methods = _ordered({c["method"]: 1 for c in results["curve"]})

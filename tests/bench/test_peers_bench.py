@@ -204,7 +204,8 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
         "tasks": {"generated": {"summary": task.summary(), "methods": {
             "flat": row, "pq12": {**row, "r5": 0.35}, "genius_r": {**row, "pool_share_rescored": 0.001}},
             "paired": {name: {"pq12": {f"r{k}": {"diff": 0.35, "ci95": [0.3, 0.4], "wins": 35, "losses": 0}
-                                       for k in (1, 5, 10)}} for name in ("genius_r", "genius_r_cb3")}}},
+                                       for k in (1, 5, 10)}} for name in ("genius_r", "genius_r_cb3")},
+            "paired_from": {"flat": "a_hits.npz", "pq12": "a_hits.npz"}}},
         "curve": [{"n": n, "method": m, "r1": 0.1, "r5": 0.2, "r10": 0.3} for n in (2000, 10000) for m in ("flat", "genius")],
         "scale": [{"n": n, "method": m, "ms_per_query": n / 1e4} for n in (10**4, 10**5) for m in ("flat", "genius")],
         "skipped": {"fashion": "not installed"},
@@ -215,6 +216,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path, task):
     assert "| pq12 | 0.500 | 0.350 | 0.800 | 0.50 |" in md
     assert "0.100 %" in md and "fashion: not installed" in md
     assert "| genius_r | 5 | **+0.350 [+0.300, +0.400] (35/0)** |" in md
+    assert "flat, pq12 from `a_hits.npz`" in md
     for plot in ("peers_recall_qps.png", "peers_curve.png", "peers_scale.png"):
         assert (tmp_path / plot).stat().st_size > 5000
     acc = json.loads((tmp_path / "accuracy.json").read_text())["tasks"]["generated"]
