@@ -5,6 +5,9 @@ GENIUS is "above" a faiss row is a question about those queries, so each compari
 paired: per query, did each method put a relevant item in its top k? The difference of the
 two recalls gets a 95 % confidence interval from a bootstrap over queries (resampling the
 query set, both methods together), plus the counts of queries only one method found.
+
+    python bench/peers_paired.py bench/results/peers-wordnet-dec12_hits.npz \
+        bench/results/peers-wordnet-paired_hits.npz     # an ablation's GENIUS against the defaults'
 """
 from __future__ import annotations
 
@@ -90,3 +93,50 @@ def markdown(paired: dict[str, dict[str, dict[str, dict]]], rows: Sequence[str] 
                 cells.append(f"**{text}**" if significance(d) != "tie" else text)
             lines.append(f"| {row} | {k} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def compare_runs(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], rows: Sequence[str],
+                 ks: Sequence[int] = KS, seed: int = 0, queries_key: str = "__queries__") -> dict[str, dict]:
+    """Two runs' saved hits (bench/peers.py's <name>_hits.npz, loaded): for every task both
+    measured on the same queries and each of `rows` both hold, {"task::row": {"r5": paired_difference}}
+    of ours minus theirs: is an ablation's GENIUS better than the defaults', query by query?"""
+    out: dict[str, dict] = {}
+    for key, digest in ours.items():
+        if not key.endswith("::" + queries_key):
+            continue
+        task = key[: -len("::" + queries_key)]
+        if not np.array_equal(theirs.get(key, np.zeros(0, np.uint8)), digest):
+            continue
+        for row in rows:
+            a, b = ours.get(f"{task}::{row}"), theirs.get(f"{task}::{row}")
+            if a is not None and b is not None:
+                out[f"{task}::{row}"] = {f"r{k}": paired_difference(a[:, i], b[:, i], seed)
+                                         for i, k in enumerate(ks)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Pair two bench/peers.py runs' saved hits (<name>_hits.npz) on the same "
+                                            "queries: each row's recall in the first run minus the second's, with a "
+                                            "95 % bootstrap interval.")
+    p.add_argument("ours", help="hits file of the run to judge (e.g. an ablation)")
+    p.add_argument("theirs", help="hits file of the run to compare with (e.g. the defaults)")
+    p.add_argument("--rows", nargs="+", default=["genius", "genius_r"], help="methods to pair (default genius genius_r)")
+    args = p.parse_args(argv)
+    with np.load(args.ours) as a, np.load(args.theirs) as b:
+        result = compare_runs({k: a[k] for k in a.files}, {k: b[k] for k in b.files}, args.rows)
+    if not result:
+        raise SystemExit("no task and row measured by both runs on the same queries")
+    print("| task::row | " + " | ".join(f"R@{k}" for k in KS) + " |")
+    print("|---|" + "---|" * len(KS))
+    for key, by_k in result.items():
+        cells = [f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['wins']}/{d['losses']})"
+                 for d in by_k.values()]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -103,3 +103,23 @@ def test_saved_hits_round_trip_and_pair_only_on_the_same_queries(tmp_path, caplo
     assert args.pair_with == [path]
     # the run's record names them as text (a list of paths once failed to serialise)
     assert json.loads(json.dumps(peers.meta(args)))["options"]["pair_with"] == [str(path)]
+
+
+def test_two_runs_pair_on_the_tasks_and_rows_both_measured(tmp_path, capsys):
+    key = peers.QUERIES_KEY
+    same, other = np.arange(32, dtype=np.uint8), np.ones(32, np.uint8)
+    hit = np.ones((50, 3), bool)
+    miss = np.zeros((50, 3), bool)
+    ours = {f"wordnet::{key}": same, "wordnet::genius": hit, "wordnet::genius_r": hit,
+            f"fashion::{key}": other, "fashion::genius": hit}
+    theirs = {f"wordnet::{key}": same, "wordnet::genius": miss,
+              f"fashion::{key}": same, "fashion::genius": miss}
+    result = peers_paired.compare_runs(ours, theirs, ["genius", "genius_r"])
+    assert list(result) == ["wordnet::genius"]  # genius_r only in ours; fashion on other queries
+    assert result["wordnet::genius"]["r5"] == {"diff": 1.0, "ci95": [1.0, 1.0], "wins": 50, "losses": 0}
+    np.savez(tmp_path / "a.npz", **ours)
+    np.savez(tmp_path / "b.npz", **theirs)
+    assert peers_paired.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
+    assert "| wordnet::genius | +1.000 [+1.000, +1.000] (50/0)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no task"):
+        peers_paired.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--rows", "flat"])
