@@ -255,7 +255,7 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
     return rows, (index if keep_index else None)
 
 
-QUERIES_KEY = "__queries__"  # the saved hits' fingerprint of a task's held-out queries
+QUERIES_KEY = peers_paired.QUERIES_KEY  # the saved hits' fingerprint of a task's held-out queries
 
 
 def queries_digest(task: peers_data.PoolTask) -> np.ndarray:

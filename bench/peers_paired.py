@@ -18,6 +18,7 @@ import numpy as np
 KS = (1, 5, 10)
 PEERS = ("flat", "pq12", "opq12", "ivfpq", "rq8x12")  # compared against; flat is exact search
 RESAMPLES = 2000
+QUERIES_KEY = "__queries__"  # a saved hits file's fingerprint of a task's held-out queries ("task::__queries__")
 
 
 def hits(ranked: np.ndarray, relevance: Sequence[np.ndarray], ks: Iterable[int] = KS) -> np.ndarray:
@@ -26,7 +27,7 @@ def hits(ranked: np.ndarray, relevance: Sequence[np.ndarray], ks: Iterable[int] 
     out = np.zeros((len(ranked), len(ks)), dtype=bool)
     for q, (row, rel) in enumerate(zip(ranked, relevance)):
         found = np.isin(row[: max(ks)], rel) & (row[: max(ks)] >= 0)
-        first = int(np.argmax(found)) if found.any() else len(row)
+        first = int(np.argmax(found)) if found.any() else max(ks)  # not found: in no top k
         out[q] = [first < k for k in ks]
     return out
 
@@ -96,15 +97,15 @@ def markdown(paired: dict[str, dict[str, dict[str, dict]]], rows: Sequence[str] 
 
 
 def compare_runs(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], rows: Sequence[str],
-                 ks: Sequence[int] = KS, seed: int = 0, queries_key: str = "__queries__") -> dict[str, dict]:
+                 ks: Sequence[int] = KS, seed: int = 0) -> dict[str, dict]:
     """Two runs' saved hits (bench/peers.py's <name>_hits.npz, loaded): for every task both
     measured on the same queries and each of `rows` both hold, {"task::row": {"r5": paired_difference}}
     of ours minus theirs: is an ablation's GENIUS better than the defaults', query by query?"""
     out: dict[str, dict] = {}
     for key, digest in ours.items():
-        if not key.endswith("::" + queries_key):
+        if not key.endswith("::" + QUERIES_KEY):
             continue
-        task = key[: -len("::" + queries_key)]
+        task = key[: -len("::" + QUERIES_KEY)]
         if not np.array_equal(theirs.get(key, np.zeros(0, np.uint8)), digest):
             continue
         for row in rows:

@@ -23,6 +23,9 @@ def test_hits_agree_with_recall_at_every_k():
     ranked[::7, 6:] = -1  # fewer than 10 found
     relevance = [rng.choice(40, size=int(rng.integers(1, 4)), replace=False) for _ in range(300)]
     hits = peers_paired.hits(ranked, relevance, (1, 5, 10))
+    short = peers_paired.hits(ranked[:, :3], relevance, (1, 5, 10))  # rankings shorter than the largest k
+    assert (short[:, 1] == short[:, 2]).all()
+    assert short[:, 2].mean() == pytest.approx(peers.recall(ranked, relevance, 3))
     assert hits.shape == (300, 3) and hits.dtype == bool
     for i, k in enumerate((1, 5, 10)):
         assert hits[:, i].mean() == pytest.approx(peers.recall(ranked, relevance, k))
