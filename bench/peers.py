@@ -239,6 +239,11 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
                                                             distinct_ids=plain.info["distinct_ids"],
                                                             lookahead_rows=rows_read):
                     rows[variant.name] = measure(variant, task, args, hits)
+            if args.level_normalized_rows:  # and with the decoder's softmax over the whole level
+                for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix="_levelnorm",
+                                                            distinct_ids=plain.info["distinct_ids"],
+                                                            normalize="level"):
+                    rows[variant.name] = measure(variant, task, args, hits)
             if args.every_step_rows:  # and with the decoder run at every step (same results, slower)
                 for variant in peers_methods.genius_methods(index, args.beam, plain.build_s, suffix="_every_step",
                                                             distinct_ids=plain.info["distinct_ids"],
@@ -397,6 +402,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ablation: also search the same GENIUS model with the decoder run at every step instead "
                         "of stopping once the trie forces every beam's remaining codes (rows genius_every_step, "
                         "genius_r_every_step: the same results, timed)")
+    p.add_argument("--level-normalized-rows", action="store_true",
+                   help="ablation: also search the same GENIUS model with the decoder's log-probabilities "
+                        "normalised over each whole level instead of over the codes the trie allows there "
+                        "(rows genius_levelnorm, genius_r_levelnorm)")
     p.add_argument("--genius-index", type=Path,
                    help="folder of saved full-pool GENIUS fits (one per task): a fit of the same pool and "
                         "config found there is loaded instead of refitted, otherwise saved there")

@@ -187,11 +187,13 @@ def build_genius(pool: np.ndarray, modality: np.ndarray, train_queries: np.ndarr
 def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float | None = None,
                    suffix: str = "", distinct_ids: int | None = None,
                    level_widths: list[int] | None = None, lookahead_rows: int | None = None,
-                   skip_forced: bool = True) -> tuple[Built, Built]:
+                   skip_forced: bool = True, normalize: str = "allowed") -> tuple[Built, Built]:
     """(genius, genius_r) searching a fitted index; codebook_weight, level_widths and
     lookahead_rows override the config's; skip_forced=False runs the decoder at every step
-    (the same results, for timing what skipping forced steps saves). distinct_ids: the index's
-    count of distinct IDs when known (a unique over every ID)."""
+    (the same results, for timing what skipping forced steps saves); normalize: beam_search's
+    ("level": the decoder's softmax over the whole level, not renormalised over the codes the
+    trie allows). distinct_ids: the index's count of distinct IDs when known (a unique over
+    every ID)."""
     from genius.rerank import cosine
 
     pool_size = len(index)
@@ -203,7 +205,8 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
     def beam_candidates(queries: np.ndarray) -> list[np.ndarray]:
         return [items for items, _ in index.candidates(np.ascontiguousarray(queries, dtype=np.float32), beam,
                                                        codebook_weight=codebook_weight, level_widths=level_widths,
-                                                       lookahead_rows=lookahead_rows, skip_forced=skip_forced)]
+                                                       lookahead_rows=lookahead_rows, skip_forced=skip_forced,
+                                                       normalize=normalize)]
 
     def search_plain(queries: np.ndarray, k: int) -> np.ndarray:
         out = np.full((len(queries), k), -1, dtype=np.int64)
@@ -225,7 +228,7 @@ def genius_methods(index: Any, beam: int, build_s: float, codebook_weight: float
     info = {"fit_config": _config_summary(index.config), "trie_bytes_per_item": round(trie_bytes, 2),
             "model_bytes": int(model_bytes), "beam": beam, "level_widths": list(settings.level_widths),
             "codebook_weight": settings.codebook_weight, "lookahead_rows": settings.lookahead_rows,
-            "skip_forced": skip_forced,
+            "skip_forced": skip_forced, "normalize": normalize,
             "distinct_ids": int(len(np.unique(index.item_codes(np.arange(pool_size)), axis=0))
                                 if distinct_ids is None else distinct_ids)}
     plain = Built("genius" + suffix, search_plain, build_s, trie_bytes, info)

@@ -144,6 +144,9 @@ class BeamSettings:
     lookahead_pool: int
     min_modality_prob: float
     skip_forced: bool = True  # beam_search's: same results; False only to time the difference
+    # beam_search's: "allowed" renormalises each level's log-probabilities over the codes the trie
+    # allows there (the default); "level" keeps the softmax over the whole level (an ablation)
+    normalize: str = "allowed"
 
 
 @dataclass
@@ -360,14 +363,14 @@ class GeniusIndex:
                    target_modalities: Collection | Sequence[Collection] | None = None,
                    codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
                    lookahead_rows: int | None = None,
-                   skip_forced: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+                   skip_forced: bool = True, normalize: str = "allowed") -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query embedding: the items its beam search found that pass the filters (not
         deleted, of a wanted modality), in beam order, with their beam log-probabilities. The
         first half of `search`, for callers that score the items elsewhere (the serving
         replica scatters them to shard servers)."""
         query_emb = self._check_queries(self.embed(query_emb))
         out = []
-        settings = self.beam_settings(codebook_weight, level_widths, lookahead_rows, skip_forced)
+        settings = self.beam_settings(codebook_weight, level_widths, lookahead_rows, skip_forced, normalize)
         for _, beams, wanted in self._beam_search(query_emb, beam_size or self.config.beam_size, target_modalities,
                                                   settings):
             keep = self.item_filter(wanted)
@@ -405,10 +408,11 @@ class GeniusIndex:
                            codebook_scores=scores, codebook_weight=weight, trace=trace,
                            level_widths=settings.level_widths, min_modality_prob=settings.min_modality_prob,
                            lookahead_rows=settings.lookahead_rows, lookahead_pool=settings.lookahead_pool,
-                           skip_forced=settings.skip_forced)
+                           skip_forced=settings.skip_forced, normalize=settings.normalize)
 
     def beam_settings(self, codebook_weight: float | None = None, level_widths: Sequence[int] | None = None,
-                      lookahead_rows: int | None = None, skip_forced: bool = True) -> BeamSettings:
+                      lookahead_rows: int | None = None, skip_forced: bool = True,
+                      normalize: str = "allowed") -> BeamSettings:
         """The beam's settings: the config's, each overridden where given. The config's codebook
         weight applies only where fit found the codes usable (a weight given always does)."""
         config = self.config
@@ -421,6 +425,7 @@ class GeniusIndex:
             lookahead_pool=config.lookahead_pool,
             min_modality_prob=config.min_modality_prob,
             skip_forced=skip_forced,
+            normalize=normalize,
         )
 
     def item_filter(self, wanted: np.ndarray | None):

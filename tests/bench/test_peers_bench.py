@@ -161,6 +161,13 @@ def test_genius_peer_returns_pool_rows_and_rescores_a_small_share(task, tmp_path
     every, _ = peers_methods.genius_methods(index, 10, plain.build_s, suffix="_every_step", skip_forced=False)
     assert every.name == "genius_every_step" and every.info["skip_forced"] is False
     np.testing.assert_array_equal(every.search(task.test_queries, 10), ranked)
+    # the level-normalised ablation returns pool rows above chance, scored otherwise
+    level, _ = peers_methods.genius_methods(index, 10, plain.build_s, suffix="_levelnorm", normalize="level")
+    assert level.name == "genius_levelnorm" and level.info["normalize"] == "level"
+    level_ranked = level.search(task.test_queries, 10)
+    assert level_ranked.max() < len(task.pool) and _recall(level_ranked, task) > 10 * chance
+    assert index.beam_settings(normalize="level").normalize == "level" and index.beam_settings().normalize == "allowed"
+    assert peers.parse_args(["--level-normalized-rows"]).level_normalized_rows
 
 
 def test_level_widths_rows_parse_as_comma_separated_integers():
