@@ -116,6 +116,24 @@ def compare_runs(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], row
     return out
 
 
+def compare_rows(run: dict[str, np.ndarray], rows: Sequence[str], against: str, ks: Sequence[int] = KS,
+                 seed: int = 0) -> dict[str, dict]:
+    """One run's saved hits: {"task::row": {"r5": paired_difference}} of each of `rows` minus the
+    row `against` on every task holding both (an ablation row against the defaults' row)."""
+    out: dict[str, dict] = {}
+    for key in run:
+        if not key.endswith("::" + QUERIES_KEY):
+            continue
+        task = key[: -len("::" + QUERIES_KEY)]
+        base = run.get(f"{task}::{against}")
+        for row in rows:
+            ours = run.get(f"{task}::{row}")
+            if base is not None and ours is not None:
+                out[f"{task}::{row}"] = {f"r{k}": paired_difference(ours[:, i], base[:, i], seed)
+                                         for i, k in enumerate(ks)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -123,13 +141,25 @@ def main(argv: list[str] | None = None) -> int:
                                             "queries: each row's recall in the first run minus the second's, with a "
                                             "95 % bootstrap interval.")
     p.add_argument("ours", help="hits file of the run to judge (e.g. an ablation)")
-    p.add_argument("theirs", help="hits file of the run to compare with (e.g. the defaults)")
+    p.add_argument("theirs", nargs="?", help="hits file of the run to compare with (e.g. the defaults)")
     p.add_argument("--rows", nargs="+", default=["genius", "genius_r"], help="methods to pair (default genius genius_r)")
+    p.add_argument("--against", metavar="ROW",
+                   help="instead of a second run: pair each of --rows with this row of the same run "
+                        "(e.g. --rows genius_levelnorm --against genius)")
     args = p.parse_args(argv)
-    with np.load(args.ours) as a, np.load(args.theirs) as b:
-        result = compare_runs({k: a[k] for k in a.files}, {k: b[k] for k in b.files}, args.rows)
+    if (args.theirs is None) == (args.against is None):
+        p.error("give either a second hits file or --against ROW")
+    with np.load(args.ours) as a:
+        ours = {k: a[k] for k in a.files}
+    if args.against:
+        result = compare_rows(ours, args.rows, args.against)
+    else:
+        with np.load(args.theirs) as b:
+            result = compare_runs(ours, {k: b[k] for k in b.files}, args.rows)
     if not result:
-        raise SystemExit("no task and row measured by both runs on the same queries")
+        raise SystemExit("no task and row to pair: the rows were not measured (on the same queries)")
+    other = f"row {args.against}" if args.against else f"{args.theirs}'s"
+    print(f"Recall of each row minus {other}, 95 % bootstrap interval (queries only the row / only the other found)")
     print("| task::row | " + " | ".join(f"R@{k}" for k in KS) + " |")
     print("|---|" + "---|" * len(KS))
     for key, by_k in result.items():

@@ -126,3 +126,10 @@ def test_two_runs_pair_on_the_tasks_and_rows_both_measured(tmp_path, capsys):
     assert "| wordnet::genius | +1.000 [+1.000, +1.000] (50/0)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no task"):
         peers_paired.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--rows", "flat"])
+    # rows of one run against another row of it: genius_r (all hits) against genius (all hits) ties
+    within = peers_paired.compare_rows(ours, ["genius_r"], "genius")
+    assert list(within) == ["wordnet::genius_r"] and within["wordnet::genius_r"]["r10"]["diff"] == 0.0
+    assert peers_paired.main([str(tmp_path / "a.npz"), "--rows", "genius_r", "--against", "genius"]) == 0
+    assert "| wordnet::genius_r | +0.000 [+0.000, +0.000] (0/0)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # neither a second run nor --against
+        peers_paired.main([str(tmp_path / "a.npz")])
