@@ -260,9 +260,6 @@ def run_methods(task: peers_data.PoolTask, train_vectors: np.ndarray, args: argp
     return rows, (index if keep_index else None)
 
 
-QUERIES_KEY = peers_paired.QUERIES_KEY  # the saved hits' fingerprint of a task's held-out queries
-
-
 def queries_digest(task: peers_data.PoolTask) -> np.ndarray:
     """SHA-256 of the held-out queries' vectors (uint8[32]): runs pair only on the same queries."""
     data = np.ascontiguousarray(task.test_queries, dtype=np.float32).tobytes()
@@ -275,7 +272,7 @@ def peers_from_runs(task_name: str, digest: np.ndarray, hits: dict[str, np.ndarr
     same queries (--pair-with): {method: (hits file, hits)}; the first run holding one wins."""
     out: dict[str, tuple[str, np.ndarray]] = {}
     for source, saved in runs:
-        theirs = saved.get(f"{task_name}::{QUERIES_KEY}")
+        theirs = saved.get(f"{task_name}::{peers_paired.QUERIES_KEY}")
         if theirs is None:
             continue
         if not np.array_equal(theirs, digest):
@@ -296,28 +293,13 @@ def paired_record(task: peers_data.PoolTask, hits: dict[str, np.ndarray],
     rows); adds its hits and query fingerprint to `task_hits`, the run's hits file."""
     digest = queries_digest(task)
     task_hits.update({f"{task.name}::{m}": h for m, h in hits.items()})
-    task_hits[f"{task.name}::{QUERIES_KEY}"] = digest
+    task_hits[f"{task.name}::{peers_paired.QUERIES_KEY}"] = digest
     earlier = peers_from_runs(task.name, digest, hits, earlier_hits)
     record: dict[str, Any] = {
         "paired": peers_paired.compare({**hits, **{m: h for m, (_, h) in earlier.items()}}, KS, seed=seed)}
     if earlier:
         record["paired_from"] = {m: source for m, (source, _) in earlier.items()}
     return record
-
-
-def save_hits(task_hits: dict[str, np.ndarray], path: Path) -> None:
-    """Per-query hits (bool, queries x KS) by "task::method": runs of the same --seed and
-    --test-queries share their queries, so a later run's rows pair with these
-    (peers_paired.compare)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **task_hits)
-    tmp.replace(path)
-
-
-def load_hits(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
 
 
 def set_threads(n: int) -> None:
@@ -441,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": meta(args), "tasks": {}, "skipped": {}, "curve": [], "scale": []}
     out_json = args.out / f"{args.name}.json"
     task_hits: dict[str, np.ndarray] = {}  # "task::method" -> per-query hits, for pairing across runs
-    earlier_hits = [(str(path), load_hits(path)) for path in args.pair_with]
+    earlier_hits = [(str(path), peers_paired.load_hits(path)) for path in args.pair_with]
 
     def save() -> None:
         results["meta"]["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -464,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                                           hits=hits)
                 results["tasks"][task.name] = {"summary": task.summary(), "methods": rows,
                                                **paired_record(task, hits, earlier_hits, task_hits, args.seed)}
-                save_hits(task_hits, args.out / f"{args.name}_hits.npz")
+                peers_paired.save_hits(task_hits, args.out / f"{args.name}_hits.npz")
             if kind == "wordnet":
                 for size in sorted(args.curve):
                     sub = task.subset(size, args.seed)

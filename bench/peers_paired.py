@@ -12,6 +12,7 @@ query set, both methods together), plus the counts of queries only one method fo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +53,17 @@ def paired_difference(ours: np.ndarray, theirs: np.ndarray, seed: int = 0,
             "wins": int((delta > 0).sum()), "losses": int((delta < 0).sum())}
 
 
+def paired_by_k(ours: np.ndarray, theirs: np.ndarray, ks: Sequence[int] = KS, seed: int = 0,
+                resamples: int = RESAMPLES) -> dict[str, dict]:
+    """{"r1": paired_difference, "r5": ...} of two methods' hits() on the same queries."""
+    return {f"r{k}": paired_difference(ours[:, i], theirs[:, i], seed, resamples) for i, k in enumerate(ks)}
+
+
+def cell(d: dict) -> str:
+    """A paired_difference as table text: difference [interval] (wins/losses)."""
+    return f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['wins']}/{d['losses']})"
+
+
 def compare(method_hits: dict[str, np.ndarray], ks: Sequence[int] = KS, seed: int = 0,
             resamples: int = RESAMPLES) -> dict[str, dict[str, dict[str, dict]]]:
     """{genius row: {peer: {"r5": paired_difference, ...}}} for every GENIUS row (names starting
@@ -62,9 +74,7 @@ def compare(method_hits: dict[str, np.ndarray], ks: Sequence[int] = KS, seed: in
     for name, ours in method_hits.items():
         if not name.startswith("genius") or not peers:
             continue
-        out[name] = {peer: {f"r{k}": paired_difference(ours[:, i], method_hits[peer][:, i], seed, resamples)
-                            for i, k in enumerate(ks)}
-                     for peer in peers}
+        out[name] = {peer: paired_by_k(ours, method_hits[peer], ks, seed, resamples) for peer in peers}
     return out
 
 
@@ -90,10 +100,29 @@ def markdown(paired: dict[str, dict[str, dict[str, dict]]], rows: Sequence[str] 
             cells = []
             for peer in peers:
                 d = paired[row][peer][f"r{k}"]
-                text = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['wins']}/{d['losses']})"
-                cells.append(f"**{text}**" if significance(d) != "tie" else text)
+                cells.append(f"**{cell(d)}**" if significance(d) != "tie" else cell(d))
             lines.append(f"| {row} | {k} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def save_hits(task_hits: dict[str, np.ndarray], path: Path) -> None:
+    """A run's hits file: per-query hits (bool, queries x KS) by "task::method", and each task's
+    queries' fingerprint under "task::QUERIES_KEY": runs on the same queries pair with it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **task_hits)
+    tmp.replace(path)
+
+
+def load_hits(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def tasks(run: dict[str, np.ndarray]) -> list[str]:
+    """The tasks a loaded hits file holds (those with a queries' fingerprint)."""
+    suffix = "::" + QUERIES_KEY
+    return [key[: -len(suffix)] for key in run if key.endswith(suffix)]
 
 
 def compare_runs(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], rows: Sequence[str],
@@ -102,17 +131,14 @@ def compare_runs(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], row
     measured on the same queries and each of `rows` both hold, {"task::row": {"r5": paired_difference}}
     of ours minus theirs: is an ablation's GENIUS better than the defaults', query by query?"""
     out: dict[str, dict] = {}
-    for key, digest in ours.items():
-        if not key.endswith("::" + QUERIES_KEY):
-            continue
-        task = key[: -len("::" + QUERIES_KEY)]
-        if not np.array_equal(theirs.get(key, np.zeros(0, np.uint8)), digest):
+    for task in tasks(ours):
+        key = f"{task}::{QUERIES_KEY}"
+        if not np.array_equal(theirs.get(key, np.zeros(0, np.uint8)), ours[key]):
             continue
         for row in rows:
             a, b = ours.get(f"{task}::{row}"), theirs.get(f"{task}::{row}")
             if a is not None and b is not None:
-                out[f"{task}::{row}"] = {f"r{k}": paired_difference(a[:, i], b[:, i], seed)
-                                         for i, k in enumerate(ks)}
+                out[f"{task}::{row}"] = paired_by_k(a, b, ks, seed)
     return out
 
 
@@ -121,16 +147,12 @@ def compare_rows(run: dict[str, np.ndarray], rows: Sequence[str], against: str, 
     """One run's saved hits: {"task::row": {"r5": paired_difference}} of each of `rows` minus the
     row `against` on every task holding both (an ablation row against the defaults' row)."""
     out: dict[str, dict] = {}
-    for key in run:
-        if not key.endswith("::" + QUERIES_KEY):
-            continue
-        task = key[: -len("::" + QUERIES_KEY)]
+    for task in tasks(run):
         base = run.get(f"{task}::{against}")
         for row in rows:
             ours = run.get(f"{task}::{row}")
             if base is not None and ours is not None:
-                out[f"{task}::{row}"] = {f"r{k}": paired_difference(ours[:, i], base[:, i], seed)
-                                         for i, k in enumerate(ks)}
+                out[f"{task}::{row}"] = paired_by_k(ours, base, ks, seed)
     return out
 
 
@@ -149,13 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.theirs is None) == (args.against is None):
         p.error("give either a second hits file or --against ROW")
-    with np.load(args.ours) as a:
-        ours = {k: a[k] for k in a.files}
+    ours = load_hits(args.ours)
     if args.against:
         result = compare_rows(ours, args.rows, args.against)
     else:
-        with np.load(args.theirs) as b:
-            result = compare_runs(ours, {k: b[k] for k in b.files}, args.rows)
+        result = compare_runs(ours, load_hits(args.theirs), args.rows)
     if not result:
         raise SystemExit("no task and row to pair: the rows were not measured (on the same queries)")
     other = f"row {args.against}" if args.against else f"{args.theirs}'s"
@@ -163,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| task::row | " + " | ".join(f"R@{k}" for k in KS) + " |")
     print("|---|" + "---|" * len(KS))
     for key, by_k in result.items():
-        cells = [f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['wins']}/{d['losses']})"
-                 for d in by_k.values()]
-        print(f"| {key} | " + " | ".join(cells) + " |")
+        print(f"| {key} | " + " | ".join(cell(d) for d in by_k.values()) + " |")
     return 0
 
 

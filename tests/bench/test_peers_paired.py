@@ -80,10 +80,10 @@ def test_saved_hits_round_trip_and_pair_only_on_the_same_queries(tmp_path, caplo
     digest = peers.queries_digest(task)
     name = "openclipart/text->image"  # names hold / and >
     saved = {f"{name}::flat": np.ones((4, 3), bool), f"{name}::rq8x12": np.zeros((4, 3), bool),
-             f"{name}::{peers.QUERIES_KEY}": digest}
+             f"{name}::{peers_paired.QUERIES_KEY}": digest}
     path = tmp_path / "run_hits.npz"
-    peers.save_hits(saved, path)
-    loaded = peers.load_hits(path)
+    peers_paired.save_hits(saved, path)
+    loaded = peers_paired.load_hits(path)
     assert set(loaded) == set(saved) and (loaded[f"{name}::flat"] == saved[f"{name}::flat"]).all()
     # this run measured flat itself: only rq8x12 joins from the saved run
     joined = peers.peers_from_runs(name, digest, {"flat": np.zeros((4, 3), bool)}, [(str(path), loaded)])
@@ -101,7 +101,7 @@ def test_saved_hits_round_trip_and_pair_only_on_the_same_queries(tmp_path, caplo
     assert record["paired_from"] == {"flat": str(path), "rq8x12": str(path)}
     assert record["paired"]["genius"]["rq8x12"]["r10"]["wins"] == 3
     assert record["paired"]["genius"]["flat"]["r1"]["losses"] == 3
-    assert set(run_hits) == {f"{name}::genius", f"{name}::{peers.QUERIES_KEY}"}
+    assert set(run_hits) == {f"{name}::genius", f"{name}::{peers_paired.QUERIES_KEY}"}
     args = peers.parse_args(["--pair-with", str(path), "--genius-index", str(tmp_path)])
     assert args.pair_with == [path]
     # the run's record names them as text (a list of paths once failed to serialise)
@@ -109,7 +109,7 @@ def test_saved_hits_round_trip_and_pair_only_on_the_same_queries(tmp_path, caplo
 
 
 def test_two_runs_pair_on_the_tasks_and_rows_both_measured(tmp_path, capsys):
-    key = peers.QUERIES_KEY
+    key = peers_paired.QUERIES_KEY
     same, other = np.arange(32, dtype=np.uint8), np.ones(32, np.uint8)
     hit = np.ones((50, 3), bool)
     miss = np.zeros((50, 3), bool)
